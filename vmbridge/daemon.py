@@ -1,0 +1,189 @@
+"""vmbridged: one gevent process that owns many QEMU VMs.
+
+Sockets (all 0600, in a 0700 runtime directory):
+    RUNTIME_DIR/io.vmbridge.Manager           the manager (vmctl's entry point)
+    RUNTIME_DIR/machines/NAME/control         each VM's io.systemd.MachineInstance
+
+Signals: SIGTERM/SIGINT stop every VM cleanly and remove every socket.
+"""
+
+from __future__ import annotations
+
+# gevent first: everything below blocks only its own greenlet.
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+
+import gevent  # noqa: E402
+import gevent.event  # noqa: E402
+
+from vmbridge import __version__  # noqa: E402
+from vmbridge import systemd  # noqa: E402
+from vmbridge.machine import ConfigError, MachineConfig  # noqa: E402
+from vmbridge.manager import MANAGER_SOCKET, Manager, build_manager_service  # noqa: E402
+from vmbridge.varlink import Server, VarlinkError  # noqa: E402
+
+log = logging.getLogger("vmbridge.daemon")
+
+
+def default_runtime_dir() -> str:
+    if os.environ.get("RUNTIME_DIRECTORY"):
+        return os.environ["RUNTIME_DIRECTORY"].split(":")[0]
+    if os.getuid() == 0:
+        return "/run/vmbridge"
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if not xdg:
+        raise SystemExit("vmbridged: $XDG_RUNTIME_DIR is not set; pass --runtime-dir")
+    return os.path.join(xdg, "vmbridge")
+
+
+def default_config_dir() -> str:
+    if os.environ.get("CONFIGURATION_DIRECTORY"):
+        return os.environ["CONFIGURATION_DIRECTORY"].split(":")[0]
+    if os.getuid() == 0:
+        return "/etc/vmbridge"
+    return os.path.join(os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "vmbridge")
+
+
+def setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if systemd.stderr_is_journal():
+        handler.setFormatter(systemd.JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="vmbridged", description="Runtime-control plane for QEMU VMs.")
+    parser.add_argument("--runtime-dir", help="sockets and VM state (default: $RUNTIME_DIRECTORY, "
+                        "/run/vmbridge for root, $XDG_RUNTIME_DIR/vmbridge otherwise)")
+    parser.add_argument("--config-dir", help="VM definitions in CONFIG_DIR/machines/NAME.conf (default: "
+                        "$CONFIGURATION_DIRECTORY, /etc/vmbridge for root, ~/.config/vmbridge otherwise)")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log QMP and varlink traffic")
+    parser.add_argument("--qmp-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="how long a VM's QEMU may take to answer a command (default 30)")
+    parser.add_argument("--demo", metavar="GUEST_DIR",
+                        help="also start a VM named 'demo' from GUEST_DIR/vmlinuz and GUEST_DIR/initramfs.img")
+    parser.add_argument("--version", action="version", version=f"vmbridged {__version__}")
+    return parser.parse_args(argv)
+
+
+def prepare_runtime_dir(path: str) -> str:
+    path = os.path.abspath(path)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def manager_listen_socket():
+    """The manager socket systemd passed us (vmbridged.socket), if any."""
+    fds = systemd.listen_fds()
+    candidates = fds.get(MANAGER_SOCKET) or fds.get("unknown") or next(iter(fds.values()), [])
+    for extra in [fd for fdlist in fds.values() for fd in fdlist if fd not in candidates[:1]]:
+        os.close(extra)
+    if not candidates:
+        return None
+    return socket.socket(fileno=candidates[0])
+
+
+class Daemon:
+    def __init__(self, args):
+        self.args = args
+        self.runtime_dir = prepare_runtime_dir(args.runtime_dir or default_runtime_dir())
+        self.notifier = systemd.Notifier()
+        self.stopping = gevent.event.Event()
+        self.manager = Manager(self.runtime_dir, args.config_dir or default_config_dir(),
+                               command_timeout=args.qmp_timeout, on_change=self.report_status)
+        listen = manager_listen_socket()
+        self.server = Server(build_manager_service(self.manager), listen_socket=listen,
+                             path=None if listen else os.path.join(self.runtime_dir, MANAGER_SOCKET),
+                             mode=0o600)
+
+    def report_status(self) -> None:
+        if self.stopping.is_set():
+            return
+        running = sum(1 for e in self.manager.entries.values() if e.machine.state.active)
+        self.notifier.notify(f"STATUS={running} VM{'s' if running != 1 else ''} running")
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            gevent.signal_handler(sig, self._on_signal, sig)
+        self.server.start()
+        self.manager.load()
+        log.info("vmbridged %s serving %s", __version__, self.server.address)
+        self.notifier.notify("READY=1")
+        self.report_status()
+        interval = systemd.watchdog_interval()
+        watchdog = gevent.spawn(self._watchdog, interval) if interval else None
+        if self.args.demo:
+            gevent.spawn(self._start_demo, self.args.demo)
+        self.stopping.wait()
+        self.notifier.notify("STOPPING=1", "STATUS=Stopping VMs")
+        if watchdog is not None:
+            watchdog.kill()
+        self.server.stop()
+        self.manager.shutdown()
+        log.info("vmbridged stopped")
+        self.notifier.close()
+        return 0
+
+    def _on_signal(self, sig) -> None:
+        log.info("%s received; stopping every VM", signal.Signals(sig).name)
+        self.stopping.set()
+
+    def _watchdog(self, interval: float) -> None:
+        while True:
+            self.notifier.notify("WATCHDOG=1")
+            gevent.sleep(interval)
+
+    def _start_demo(self, guest_dir: str) -> None:
+        guest_dir = os.path.abspath(guest_dir)
+        try:
+            config = MachineConfig.from_dict({
+                "name": "demo", "memory": "256M",
+                "linux": os.path.join(guest_dir, "vmlinuz"),
+                "initrd": os.path.join(guest_dir, "initramfs.img"),
+                "append": "console=ttyS0 quiet panic=-1",
+            })
+            entry = self.manager.create(config)
+        except (ConfigError, VarlinkError) as e:
+            log.error("demo VM not started: %s", e)
+            return
+        rt = self.runtime_dir
+        log.info("demo VM running; its control socket is %s", entry.server.address)
+        print(f"""
+The demo VM is running. In another terminal, try:
+    .venv/bin/vmctl --runtime-dir {rt} list
+    .venv/bin/vmctl --runtime-dir {rt} describe demo
+    .venv/bin/vmctl --runtime-dir {rt} events demo        (then pause/resume from a third terminal)
+    .venv/bin/vmctl --runtime-dir {rt} pause demo
+    .venv/bin/vmctl --runtime-dir {rt} resume demo
+    .venv/bin/vmctl --runtime-dir {rt} reboot demo
+    .venv/bin/vmctl --runtime-dir {rt} poweroff demo
+    varlinkctl call {entry.server.address} io.systemd.MachineInstance.Describe '{{}}'
+Stop vmbridged with Ctrl-C (it stops its VMs first).
+""", file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return Daemon(args).run()
+    except OSError as e:
+        log.error("%s", e)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

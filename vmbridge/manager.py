@@ -1,0 +1,306 @@
+"""The registry of VMs and the io.vmbridge.Manager service.
+
+The manager owns every Machine of the daemon and, while a VM runs, the
+varlink server of its control socket (``<runtime-dir>/machines/NAME/control``).
+VMs are transient (created by a client, forgotten when they exit, as
+machined does) or persistent (a definition file in the configuration
+directory keeps them listed across exits and daemon restarts).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import gevent
+import gevent.pool
+
+from vmbridge import __version__
+from vmbridge.control import PRODUCT, URL, VENDOR, build_service
+from vmbridge.machine import (ConfigError, EventHub, Machine, MachineConfig, MachineError,
+                              MachineEvent, MachineState, SetupError)
+from vmbridge.machine.definitions import Definitions
+from vmbridge.varlink import Server, Service, VarlinkError, interface_text
+
+log = logging.getLogger("vmbridge.manager")
+
+INTERFACE = "io.vmbridge.Manager"
+MANAGER_SOCKET = INTERFACE
+
+
+class Entry:
+    """A VM in the registry, with its control socket's server while it runs."""
+
+    def __init__(self, machine: Machine, persistent: bool):
+        self.machine = machine
+        self.persistent = persistent
+        self.server: Server | None = None
+
+
+class Manager:
+    def __init__(self, runtime_dir: str, config_dir: str | None, *, command_timeout: float = 30.0,
+                 allowed_uids=None, on_change=None):
+        self.runtime_dir = runtime_dir
+        self.machines_dir = os.path.join(runtime_dir, "machines")
+        self.definitions = Definitions(config_dir) if config_dir else None
+        self.command_timeout = command_timeout
+        self.allowed_uids = allowed_uids
+        self.entries: dict[str, Entry] = {}
+        self.lifecycle = EventHub()
+        self._on_change = on_change  # the daemon's status line
+        os.makedirs(self.machines_dir, mode=0o700, exist_ok=True)
+
+    # ---------------------------------------------------------------- queries
+
+    def get(self, name: str) -> Entry:
+        entry = self.entries.get(name)
+        if entry is None:
+            raise VarlinkError(f"{INTERFACE}.NoSuchMachine", {"name": name})
+        return entry
+
+    def count(self, *states: MachineState) -> int:
+        return sum(1 for e in self.entries.values() if e.machine.state in states)
+
+    def info(self, entry: Entry) -> dict:
+        m = entry.machine
+        out = {"name": m.name, "class": "vm", "state": m.state.value,
+               "sinceUSec": int(m.since * 1_000_000), "persistent": entry.persistent,
+               "autostart": m.config.autostart, "config": m.config.to_dict()}
+        if m.state.active and m.qemu_status != "unknown":
+            out["status"] = m.qemu_status
+        if entry.server is not None:
+            out["controlAddress"] = entry.server.address
+        if m.pid is not None:
+            out["pid"] = m.pid
+        if m.qemu_version:
+            out["qemuVersion"] = m.qemu_version
+        if m.error:
+            out["error"] = m.error
+        if m.shutdown_reason:
+            out["shutdownReason"] = m.shutdown_reason
+        if m.exit_info is not None:
+            out.update(m.exit_info.to_dict())
+        return out
+
+    # -------------------------------------------------------------- lifecycle
+
+    def _new_machine(self, config: MachineConfig) -> Machine:
+        return Machine(config, os.path.join(self.machines_dir, config.name),
+                       command_timeout=self.command_timeout, on_change=self._machine_changed)
+
+    def load(self) -> None:
+        """At daemon start: adopt the VMs an earlier vmbridged left, then the definitions."""
+        definitions = self.definitions.load_all() if self.definitions else {}
+        self._adopt_leftovers(definitions)
+        for name, config in definitions.items():
+            if name not in self.entries:
+                self.entries[name] = Entry(self._new_machine(config), persistent=True)
+        autostart = [e for e in self.entries.values()
+                     if e.persistent and e.machine.config.autostart and not e.machine.state.active]
+        for entry in autostart:
+            gevent.spawn(self._autostart, entry)
+
+    def _autostart(self, entry: Entry) -> None:
+        try:
+            entry.machine.start()
+        except MachineError as e:
+            log.error("%s: autostart failed: %s", entry.machine.name, e)
+
+    def _adopt_leftovers(self, definitions: dict) -> None:
+        try:
+            names = sorted(os.listdir(self.machines_dir))
+        except FileNotFoundError:
+            return
+        for name in names:
+            directory = os.path.join(self.machines_dir, name)
+            if not os.path.exists(os.path.join(directory, "state.json")):
+                continue
+            try:
+                machine = Machine.adopt(directory, command_timeout=self.command_timeout,
+                                        on_change=self._machine_changed)
+            except Exception as e:
+                log.warning("%s: not adopted (%s); it exited while vmbridged was away", name, e)
+                shutil.rmtree(directory, ignore_errors=True)
+                continue
+            entry = Entry(machine, persistent=name in definitions)
+            self.entries[name] = entry
+            log.info("%s: adopted running QEMU (pid %s, %s)", name, machine.pid, machine.qemu_status)
+            self._open_control(entry)
+            self._publish("added", entry)
+
+    def create(self, config: MachineConfig, persistent: bool = False) -> Entry:
+        old = self.entries.get(config.name)
+        if old is not None and (old.persistent or old.machine.state.active):
+            raise VarlinkError(f"{INTERFACE}.MachineExists", {"name": config.name})
+        if persistent and self.definitions is None:
+            raise VarlinkError(f"{INTERFACE}.InvalidConfig",
+                               {"field": "persistent", "message": "vmbridged runs without a configuration directory"})
+        entry = Entry(self._new_machine(config), persistent)
+        self.entries[config.name] = entry  # reserve the name before anything blocks
+        if persistent:
+            self.definitions.save(config)
+        self._publish("added", entry)
+        self._start(entry)
+        return entry
+
+    def define(self, config: MachineConfig) -> Entry:
+        if self.definitions is None:
+            raise VarlinkError(f"{INTERFACE}.InvalidConfig",
+                               {"field": "persistent", "message": "vmbridged runs without a configuration directory"})
+        old = self.entries.get(config.name)
+        if old is not None and old.machine.state.active:
+            raise VarlinkError(f"{INTERFACE}.MachineActive", {"name": config.name, "state": old.machine.state.value})
+        self.definitions.save(config)
+        entry = Entry(self._new_machine(config), persistent=True)
+        self.entries[config.name] = entry
+        self._publish("added", entry)
+        return entry
+
+    def start(self, name: str) -> Entry:
+        entry = self.get(name)
+        if entry.machine.state.active:
+            if entry.machine.state == MachineState.STARTING:
+                entry.machine.wait_settled()
+            return entry
+        self._start(entry)
+        return entry
+
+    def _start(self, entry: Entry) -> None:
+        machine = entry.machine
+        try:
+            machine.start()
+        except SetupError as e:
+            if not entry.persistent:
+                self._forget(entry)
+            raise VarlinkError(f"{INTERFACE}.SetupFailed",
+                               {"name": machine.name, "message": e.message,
+                                **({"device": e.device} if e.device else {})}) from e
+
+    def terminate(self, name: str) -> None:
+        self.get(name).machine.terminate()
+
+    def remove(self, name: str, force: bool = False) -> None:
+        entry = self.get(name)
+        machine = entry.machine
+        if machine.state.active:
+            if not force:
+                raise VarlinkError(f"{INTERFACE}.MachineActive", {"name": name, "state": machine.state.value})
+            machine.terminate()
+        if entry.persistent and self.definitions is not None:
+            self.definitions.delete(name)
+        self._forget(entry)
+
+    def _forget(self, entry: Entry) -> None:
+        name = entry.machine.name
+        if self.entries.get(name) is entry:
+            del self.entries[name]
+            shutil.rmtree(entry.machine.directory, ignore_errors=True)
+            self._publish("removed", entry)
+
+    def _machine_changed(self, machine: Machine, old: MachineState, new: MachineState) -> None:
+        entry = self.entries.get(machine.name)
+        if entry is None or entry.machine is not machine:
+            return
+        if new == MachineState.RUNNING and entry.server is None:
+            self._open_control(entry)
+        elif new in (MachineState.EXITED, MachineState.FAILED):
+            self._close_control(entry)
+        self._publish(new.value, entry)
+        if new == MachineState.EXITED and not entry.persistent:
+            self._forget(entry)
+        if self._on_change is not None:
+            self._on_change()
+
+    def _open_control(self, entry: Entry) -> None:
+        path = os.path.join(entry.machine.directory, "control")
+        server = Server(build_service(entry.machine), path=path, mode=0o600,
+                        allowed_uids=self.allowed_uids)
+        server.start()
+        entry.server = server
+
+    def _close_control(self, entry: Entry) -> None:
+        server, entry.server = entry.server, None
+        if server is not None:
+            server.stop()
+
+    def _publish(self, event: str, entry: Entry) -> None:
+        if len(self.lifecycle):
+            self.lifecycle.publish(MachineEvent(event, {"name": entry.machine.name, "info": self.info(entry)}))
+
+    def shutdown(self, *, keep_vms: bool = False) -> None:
+        """Daemon exit: terminate every VM (in parallel), or leave them running for adoption."""
+        entries = list(self.entries.values())
+        if keep_vms:
+            for entry in entries:
+                self._close_control(entry)
+                entry.machine.detach()
+        else:
+            group = gevent.pool.Group()
+            for entry in entries:
+                if entry.machine.state.active:
+                    group.spawn(entry.machine.terminate)
+            group.join()
+            for entry in entries:
+                self._close_control(entry)
+        self.lifecycle.close()
+
+
+class ManagerService:
+    """io.vmbridge.Manager's methods."""
+
+    def __init__(self, manager: Manager):
+        self.manager = manager
+
+    @staticmethod
+    def _config(params: dict) -> MachineConfig:
+        try:
+            return MachineConfig.from_dict(params)
+        except ConfigError as e:
+            raise VarlinkError(f"{INTERFACE}.InvalidConfig", {"field": e.field, "message": e.message}) from e
+
+    def List(self, call):
+        name = call.parameters.get("name")
+        entries = [self.manager.get(name)] if name is not None else \
+            sorted(self.manager.entries.values(), key=lambda e: e.machine.name)
+        return {"machines": [self.manager.info(e) for e in entries]}
+
+    def Create(self, call):
+        entry = self.manager.create(self._config(call.parameters["config"]),
+                                    bool(call.parameters.get("persistent")))
+        return {"machine": self.manager.info(entry)}
+
+    def Define(self, call):
+        return {"machine": self.manager.info(self.manager.define(self._config(call.parameters["config"])))}
+
+    def Start(self, call):
+        return {"machine": self.manager.info(self.manager.start(call.parameters["name"]))}
+
+    def Terminate(self, call):
+        self.manager.terminate(call.parameters["name"])
+        return {}
+
+    def Remove(self, call):
+        self.manager.remove(call.parameters["name"], bool(call.parameters.get("force")))
+        return {}
+
+    def SubscribeEvents(self, call):
+        name = call.parameters.get("name")
+        if name is not None:
+            self.manager.get(name)
+        subscription = self.manager.lifecycle.subscribe(on_drop=call.connection.close)
+        return self._stream(subscription, name)
+
+    @staticmethod
+    def _stream(subscription, name):
+        with subscription:
+            yield {"event": "READY"}
+            for event in subscription:
+                if name is None or event.data["name"] == name:
+                    yield {"event": event.name, "machine": event.data["info"]}
+
+
+def build_manager_service(manager: Manager) -> Service:
+    service = Service(vendor=VENDOR, product=PRODUCT, version=__version__, url=URL)
+    service.add_interface(interface_text(INTERFACE), ManagerService(manager))
+    return service
