@@ -70,7 +70,8 @@ class _Connection:
         self._scanned = 0             # bytes of _buffer known to hold no NUL
         self._pending_fds = []        # arrived with the next message's first byte
         self._watcher = None
-        self._close_requested = False
+        self._close_requested = False     # close now, no further reply
+        self._finish_requested = False    # close after the current reply
         self._interrupted = False
         self._released = False
         self._upgraded = False
@@ -102,6 +103,10 @@ class _Connection:
             self._close_requested = True
         else:
             self._interrupt("closed by the server")
+
+    def close_after_call(self):
+        """Close once the call being handled has been answered."""
+        self._finish_requested = True
 
     def _interrupt(self, reason):
         if self._interrupted or self.greenlet is None or self.greenlet.dead:
@@ -138,7 +143,7 @@ class _Connection:
     # -- reading ---------------------------------------------------------------
 
     def _serve(self):
-        while not self._close_requested:
+        while not (self._close_requested or self._finish_requested):
             raw = self._read_message()
             if raw is None:
                 return

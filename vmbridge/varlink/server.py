@@ -99,6 +99,7 @@ class Server:
         self.send_timeout = send_timeout
         self.allow_fd_passing = allow_fd_passing
         self._path = path
+        self._address = path
         self._given_socket = listen_socket
         self._listener = None
         self._created_inode = None     # (st_dev, st_ino) of the socket we bound
@@ -113,12 +114,8 @@ class Server:
 
     @property
     def address(self):
-        if self._path is not None:
-            return self._path
-        if self._listener is not None:
-            name = self._listener.getsockname()
-            return name.decode("utf-8", "replace") if isinstance(name, bytes) else name
-        return None
+        """The socket's path (for a listen_socket: its name, once started)."""
+        return self._address
 
     @property
     def connections(self):
@@ -134,6 +131,9 @@ class Server:
         else:
             self._listener = self._adopt(self._given_socket)
             self._given_socket = None
+            name = self._listener.getsockname()
+            self._address = (name.decode("utf-8", "replace")
+                             if isinstance(name, bytes) else name)
         self._accept_greenlet = gevent.spawn(self._accept_loop)
         log.info("varlink: listening on %s", self.address)
 
@@ -150,7 +150,11 @@ class Server:
         connections = list(self._connections)
         current = gevent.getcurrent()
         for connection in connections:
-            connection.close()
+            if connection.greenlet is current:
+                # stop() called by a handler: answer its call, then close.
+                connection.close_after_call()
+            else:
+                connection.close()
         gevent.joinall([c.greenlet for c in connections
                         if c.greenlet is not None and c.greenlet is not current],
                        timeout=timeout)
