@@ -312,7 +312,15 @@ def cooperative_client(monkeypatch):
 
 
 def open_fds():
-    return set(os.listdir("/proc/self/fd"))
+    """This process's open fds, as strings (without listdir's own fd)."""
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            os.fstat(int(name))
+        except OSError:
+            continue            # the directory fd listdir used, closed by now
+        fds.add(name)
+    return fds
 
 
 def wait_for(predicate, timeout=5.0, interval=0.01):
