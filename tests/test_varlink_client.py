@@ -15,10 +15,13 @@ import gevent.socket
 import gevent.subprocess
 import pytest
 
-from varlink_fixtures import (  # noqa: F401  (fixtures)
-    MACHINE, FakeMachine, TestHandler, cooperative_client, machine_service,
-    make_test_service, open_fds, serve, socket_dir, wait_for)
+pytest.register_assert_rewrite("varlink_fixtures")
+from varlink_fixtures import (
+    MACHINE, FakeMachine, TestHandler, machine_service, make_test_service,
+    open_fds, wait_for)
 from vmbridge.varlink import VarlinkError
+
+pytest_plugins = ["varlink_fixtures"]    # serve, raw_clients, socket_dir, ...
 
 T = "org.example.test."
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,6 +75,14 @@ def test_call_more_stream_with_final_reply(serve, connect):
     assert list(c.call_more(T + "Count", {"n": 2, "final": True})) == [
         {"i": 0}, {"i": 1}, {"i": 2}]
     assert c.call(T + "Echo", {"value": {"a": 1}}) == {"value": {"a": 1}}
+    # A method that answers a 'more' call with one plain reply: the iterator
+    # yields it, and the connection is free again at once.
+    single = c.call_more(MACHINE.replace("MachineInstance", "Nope") + ".X")
+    with pytest.raises(VarlinkError):
+        next(single)
+    replies = c.call_more(T + "Echo", {"value": None})
+    assert next(replies) == {"value": None}
+    assert c.call(T + "Echo") == {"value": None}
 
 
 def test_call_more_stream_ended_by_close_raises_disconnected(serve, connect, cooperative_client):

@@ -9,16 +9,17 @@ import os
 import socket
 import stat
 import subprocess
-import sys
 
 import gevent
 import gevent.socket
 import pytest
 
-from varlink_fixtures import (  # noqa: F401  (fixtures)
-    RawClient, TestHandler, machine_service, make_test_service, open_fds,
-    raw_clients, serve, socket_dir, wait_for)
+pytest.register_assert_rewrite("varlink_fixtures")
+from varlink_fixtures import (
+    RawClient, TestHandler, machine_service, make_test_service, open_fds, wait_for)
 from vmbridge.varlink import Server
+
+pytest_plugins = ["varlink_fixtures"]    # serve, raw_clients, socket_dir, ...
 
 T = "org.example.test."
 
@@ -177,6 +178,25 @@ def test_handler_exceptions_become_io_systemd_system(serve, raw_clients):
         '{"origin":"linux","errno":5,"errnoName":"EIO"}}')
     assert client.transact(call_text("Fail", {"kind": "error"})) == \
         '{"error":"org.example.test.Failed","parameters":{"why":"asked to"}}'
+
+
+def test_stream_item_that_is_not_a_dict_ends_the_stream_with_eio(serve, raw_clients):
+    handler = TestHandler()
+    handler.Count = lambda call: iter([{"i": 0}, ["not", "a", "dict"]])
+    client = raw_clients(serve(make_test_service(handler)))
+    client.send_message(call_text("Count", {"n": 0, "final": True}, more=True))
+    assert client.receive() == '{"parameters":{"i":0},"continues":true}'
+    assert json.loads(client.receive())["parameters"]["errnoName"] == "EIO"
+    assert client.transact(call_text("Echo")) == '{"parameters":{"value":null}}'
+
+
+def test_reply_not_matching_the_idl_is_logged_and_sent(serve, raw_clients, caplog):
+    handler = TestHandler()
+    handler.Echo = lambda call: {"value": "not an object"}
+    client = raw_clients(serve(make_test_service(handler)))
+    with caplog.at_level("WARNING", logger="vmbridge.varlink"):
+        assert client.transact(call_text("Echo")) == '{"parameters":{"value":"not an object"}}'
+    assert "reply to org.example.test.Echo does not match its IDL on field 'value'" in caplog.text
 
 
 def test_handler_closing_its_connection(serve, raw_clients):
@@ -498,7 +518,7 @@ def test_socket_mode_and_stale_socket_replaced(serve, socket_dir):
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(path)
     stale.close()                       # a socket file nobody listens on
-    server = serve(make_test_service())
+    serve(make_test_service())
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert stat.S_ISSOCK(os.stat(path).st_mode)
     assert RawClient(path).transact(call_text("Echo")) == '{"parameters":{"value":null}}'

@@ -10,9 +10,11 @@ import json
 
 import pytest
 
-from varlink_fixtures import (  # noqa: F401  (fixtures)
-    MACHINE, FakeMachine, machine_service, raw_clients, serve, socket_dir)
+pytest.register_assert_rewrite("varlink_fixtures")
+from varlink_fixtures import MACHINE, FakeMachine, machine_service
 from vmbridge.varlink import interface_text
+
+pytest_plugins = ["varlink_fixtures"]    # serve, raw_clients, socket_dir, ...
 
 GET_INFO = [(
     '{"method":"org.varlink.service.GetInfo","parameters":{}}',

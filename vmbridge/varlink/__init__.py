@@ -33,7 +33,9 @@ _LAZY = {
     "default_connection_limits": ".server",
 }
 
-__all__ = ["VarlinkError", "interface_text"] + sorted(_LAZY)
+__all__ = ["VarlinkError", "interface_text", "Service", "Call", "Upgrade",
+           "InterfaceDefinition", "MethodDefinition", "Server", "ConnectionClosed",
+           "PeerCredentials", "default_connection_limits"]
 
 
 def __getattr__(name):

@@ -148,17 +148,18 @@ class Connection:
                 reply, fds = self._read_reply(timeout)
                 protocol.close_fds(fds)
                 continues = reply.get("continues", False)
-                if "error" in reply:
+                if "error" in reply or not continues:
+                    # The call is over: the connection is free for the next
+                    # one even if the caller never resumes this iterator.
                     finished = True
+                    self._streaming = False
                 parameters = self._result(reply, [])
-                if not continues:
-                    finished = True
                 yield parameters
                 if not continues:
                     return
         finally:
-            self._streaming = False
             if not finished:
+                self._streaming = False
                 self.close()
 
     def call_oneway(self, method, parameters=None, *, fds=()):

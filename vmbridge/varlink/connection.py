@@ -265,14 +265,26 @@ class _Connection:
                 return self._upgrade(call, result)
             if isinstance(result, Iterator):
                 self._stream(call, result)
-            elif result is None or isinstance(result, Mapping):
-                self._send(call, protocol.reply_message(dict(result or {})))
             else:
-                log.error("varlink: %s returned %r, not a dict", call.method, result)
-                self._send_error(call, VarlinkError.from_errno(errno.EIO))
+                self._reply(call, result)
             return False
         finally:
             call.close_fds()
+
+    def _reply(self, call, parameters, continues=False):
+        """Send one reply; a handler bug (not a dict) becomes an EIO error."""
+        if parameters is not None and not isinstance(parameters, Mapping):
+            log.error("varlink: %s returned %r, not a dict", call.method, parameters)
+            self._send_error(call, VarlinkError.from_errno(errno.EIO))
+            return False
+        parameters = dict(parameters or {})
+        if call.definition is not None and log.isEnabledFor(logging.WARNING):
+            bad = call.definition.reply_mismatch(parameters)
+            if bad is not None:
+                log.warning("varlink: reply to %s does not match its IDL on "
+                            "field '%s', sending it anyway", call.method, bad)
+        self._send(call, protocol.reply_message(parameters, continues))
+        return True
 
     def _stream(self, call, iterator):
         """Send each item as a ``continues`` reply, then the final one."""
@@ -297,8 +309,8 @@ class _Connection:
                                   self.description, call.method)
                     self._send_error(call, errno_error(e))
                     return
-                self._send(call, protocol.reply_message(dict(item or {}),
-                                                        continues=True))
+                if not self._reply(call, item, continues=True):
+                    return
             else:
                 return
             if final is None:
@@ -308,7 +320,7 @@ class _Connection:
                           self.description, call.method)
                 self._close_requested = True
             else:
-                self._send(call, protocol.reply_message(dict(final)))
+                self._reply(call, final)
         finally:
             self._stop_watcher()
             _close_iterator(iterator)
@@ -334,7 +346,8 @@ class _Connection:
                       "upgrade flag", call.method)
             self._send_error(call, VarlinkError(protocol.EXPECTED_UPGRADE))
             return False
-        self._send(call, protocol.reply_message(upgrade.parameters))
+        if not self._reply(call, upgrade.parameters):
+            return False
         sock, self._sock = self._sock, None
         pending = bytes(self._buffer)
         self._buffer.clear()

@@ -68,6 +68,17 @@ class MethodDefinition:
         return self.interface._validate_struct_fields(self.input_fields,
                                                       parameters)
 
+    def reply_mismatch(self, parameters):
+        """The first reply field that does not fit the IDL output, else None.
+
+        sd-varlink only logs such replies and sends them anyway; so do we.
+        """
+        try:
+            self.interface._validate_struct_fields(self.output_fields, parameters)
+        except VarlinkError as e:
+            return e.parameters["parameter"]
+        return None
+
 
 class InterfaceDefinition:
     """A parsed .varlink text. ``text`` is kept verbatim for GetInterfaceDescription."""

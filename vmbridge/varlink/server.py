@@ -38,7 +38,7 @@ import gevent
 import gevent.socket
 
 from . import protocol
-from .connection import ConnectionClosed, PeerCredentials, _Connection, peer_credentials
+from .connection import _Connection, peer_credentials
 from .protocol import VarlinkError
 
 log = logging.getLogger("vmbridge.varlink")

@@ -74,6 +74,7 @@ class Call:
         self.connection = connection
         self._allow_fd_passing = allow_fd_passing
         self._reply_fds = []
+        self.definition = None      # the MethodDefinition, once dispatched
 
     def __repr__(self):
         return "<Call %s more=%s oneway=%s upgrade=%s fds=%d>" % (
@@ -225,6 +226,7 @@ class Service:
         if definition.requires_upgrade and not call.upgrade:
             raise VarlinkError(protocol.EXPECTED_UPGRADE)
         call.parameters = definition.validate_parameters(call.parameters)
+        call.definition = definition
         return function(call)
 
 
