@@ -114,6 +114,21 @@ def test_client_disconnect_while_generator_blocks(serve, raw_clients):
     wait_for(lambda: server.connections == 0)
 
 
+def test_server_side_close_ends_a_blocked_generator(serve, raw_clients):
+    from varlink_fixtures import FakeMachine
+    machine = FakeMachine()
+    server = serve(machine_service(machine))
+    client = raw_clients(server)
+    client.send_message('{"method":"io.systemd.MachineInstance.SubscribeEvents",'
+                        '"parameters":{},"more":true}')
+    assert client.receive() == '{"parameters":{"event":"READY"},"continues":true}'
+    (connection,) = server._connections
+    connection.close()          # as an event hub dropping a slow subscriber would
+    assert client.closed_by_server()
+    assert machine.streams_closed == 1
+    assert server.connections == 0
+
+
 def test_oneway_gets_no_reply(serve, raw_clients):
     handler = TestHandler()
     client = raw_clients(serve(make_test_service(handler)))

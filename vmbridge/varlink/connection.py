@@ -136,7 +136,10 @@ class _Connection:
         except Exception:
             log.exception("varlink: connection %s failed", self.description)
         finally:
-            self._stop_watcher()
+            try:
+                self._stop_watcher()
+            except ConnectionClosed:
+                pass        # an interrupt that arrived after we were done anyway
             self.release()
             log.debug("varlink: %s: connection ended", self.description)
 
@@ -156,9 +159,10 @@ class _Connection:
                 log.warning("varlink: %s: protocol violation, closing: %s",
                             self.description, e)
                 return
-            log.debug("varlink: received from %s: %s%s", self.description,
-                      protocol.describe_message(message),
-                      " (+%d fds)" % len(fds) if fds else "")
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("varlink: received from %s: %s%s", self.description,
+                          protocol.describe_message(message),
+                          " (+%d fds)" % len(fds) if fds else "")
             if self._dispatch(call):
                 return                  # upgraded: the socket is no longer ours
 

@@ -123,8 +123,8 @@ class Server:
         return len(self._connections)
 
     def start(self):
-        if self._started:
-            raise RuntimeError("varlink server already started")
+        if self._started or self._stopped:
+            raise RuntimeError("a varlink server starts once")
         self._started = True
         if self._path is not None:
             self._listener = self._bind(self._path)
