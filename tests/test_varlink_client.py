@@ -328,3 +328,35 @@ def test_our_client_talks_to_python_varlink_server(socket_dir):
         child.kill()
         child.wait()
         child.stdout.close()
+
+
+CLI_LIKE_CLIENT = textwrap.dedent("""
+    import json, sys
+    if sys.argv[2] == "patched":
+        from gevent import monkey
+        monkey.patch_all()
+    from vmbridge.varlink.client import Connection, VarlinkDisconnected
+    out = []
+    with Connection("unix:" + sys.argv[1], timeout=10) as c:
+        out.append(c.call("io.systemd.MachineInstance.Describe"))
+        events = c.call_more("io.systemd.MachineInstance.SubscribeEvents",
+                             {"filter": ["STOP"]}, timeout=None)
+        out.append(next(events))
+        c2 = Connection(sys.argv[1])        # a second client pauses the machine
+        c2.call("io.systemd.MachineInstance.Pause")
+        c2.close()
+        out.append(next(events))
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.parametrize("mode", ["plain", "patched"])
+def test_client_in_a_cli_process(serve, mode):
+    """Our client in its own process, as vmctl uses it: plain, and after
+    gevent's patch_all() (then it is cooperative without knowing it)."""
+    server = serve(machine_service())
+    output = gevent.subprocess.check_output(
+        [sys.executable, "-c", CLI_LIKE_CLIENT, server.address, mode],
+        env=dict(os.environ, PYTHONPATH=REPO), timeout=60)
+    assert json.loads(output) == [{"running": True, "status": "running"},
+                                  {"event": "READY"}, {"event": "STOP"}]

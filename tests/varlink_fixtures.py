@@ -92,9 +92,13 @@ class FakeMachine:
                 "status": "running" if self.running else "paused"}
 
     def Pause(self, call):
+        if self.running:                    # QEMU sends STOP only on a change
+            self.events.put({"event": "STOP"})
         self.running = False
 
     def Resume(self, call):
+        if not self.running:
+            self.events.put({"event": "RESUME"})
         self.running = True
 
     def SubscribeEvents(self, call):
