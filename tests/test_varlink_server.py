@@ -373,6 +373,7 @@ def run_as_nobody(path):
             if not chunk:
                 break
             output += chunk
+    child.stdout.close()
     while child.poll() is None:
         gevent.sleep(0.01)
     return output.decode().strip()
@@ -536,7 +537,9 @@ def test_socket_mode_and_stale_socket_replaced(serve, socket_dir):
     serve(make_test_service())
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert stat.S_ISSOCK(os.stat(path).st_mode)
-    assert RawClient(path).transact(call_text("Echo")) == '{"parameters":{"value":null}}'
+    client = RawClient(path)
+    assert client.transact(call_text("Echo")) == '{"parameters":{"value":null}}'
+    client.close()
     other = serve(make_test_service(), name="o.sock", mode=0o660)
     assert stat.S_IMODE(os.stat(other.address).st_mode) == 0o660
 
@@ -561,7 +564,9 @@ def test_listen_socket_is_used_and_never_unlinked(socket_dir):
     server = Server(make_test_service(), listen_socket=listener)
     server.start()
     assert server.address == path
-    assert RawClient(path).transact(call_text("Echo")) == '{"parameters":{"value":null}}'
+    client = RawClient(path)
+    assert client.transact(call_text("Echo")) == '{"parameters":{"value":null}}'
+    client.close()
     server.stop()
     assert os.path.exists(path)
     assert listener.fileno() == -1          # ownership moved to the server
