@@ -165,6 +165,7 @@ def test_acquire_qmp_needs_upgrade_when_registered(serve, raw_clients):
     '{"method":"io.systemd.MachineInstance.Describe","more":true,"upgrade":true}',
     '{"method":"io.systemd.MachineInstance.Describe","parameters":{"x":NaN}}',
     b'{"method":"\xff"}',
+    b'{"method":"a.b.C","parameters":{"x":' + b"[" * 100000 + b"]" * 100000 + b"}}",
 ])
 def test_protocol_violations_close_the_connection(serve, raw_clients, call):
     client = raw_clients(serve(machine_service()))

@@ -138,7 +138,10 @@ def _reject_constant(name):
 def decode_message(data):
     """Parse one message (without its NUL); raises ValueError if malformed."""
     text = data.decode("utf-8")          # UnicodeDecodeError is a ValueError
-    message = json.loads(text, parse_constant=_reject_constant)
+    try:
+        message = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
     if not isinstance(message, dict):
         raise ValueError("varlink message is not a JSON object")
     return message

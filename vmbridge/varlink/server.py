@@ -230,7 +230,13 @@ class Server:
                     log.exception("varlink: accept on %s failed", self.address)
                     gevent.sleep(0.1)
                 continue
-            self._admit(sock)
+            try:
+                self._admit(sock)
+            except Exception:
+                # A bug here must not stop the server accepting others.
+                log.exception("varlink: admitting a connection on %s failed",
+                              self.address)
+                sock.close()
 
     def _admit(self, sock):
         try:

@@ -15,6 +15,28 @@ sd-varlink's ``varlink_dispatch_method()`` does, in the same order:
 4. call the handler and return what it returned (the server turns that into
    replies; see :class:`vmbridge.varlink.server.Server`).
 
+The handler contract (what ``handler.Method(call)`` may do):
+
+* return a dict, or None for ``{}``: the reply (``{}`` is sent when empty);
+* return an iterator/generator — only for a call with ``more`` (else the
+  client gets ExpectedMore): each item goes out at once as a ``continues``
+  reply; a final dict given by ``return {...}`` ends the stream with a last
+  reply, a bare ``return`` ends it by closing the connection (as systemd
+  ends SubscribeEvents). If the client hangs up, or someone calls
+  ``call.connection.close()`` from another greenlet, the generator gets a
+  GeneratorExit (a :class:`~.connection.ConnectionClosed`) wherever it is
+  blocked, and should clean up in ``finally`` / ``except GeneratorExit``.
+  Never ``close()`` the generator from another greenlet (it may be running);
+  close the connection instead;
+* return :class:`Upgrade` to take the socket over after the reply;
+* raise :class:`VarlinkError` for an error reply (also mid-stream, which
+  ends the stream but not the connection);
+* raise anything else: logged with its traceback and answered with
+  ``io.systemd.System`` (``errno`` of an OSError, else EIO) like an
+  sd-varlink callback returning -errno; connection and server carry on.
+
+For ``oneway`` calls the handler runs and nothing is sent back.
+
 No sockets here, so services can be unit-tested with a bare :class:`Call`.
 """
 
