@@ -124,7 +124,6 @@ class QemuMachineInstance:
 
 def build_service(machine: Machine) -> Service:
     service = Service(vendor=VENDOR, product=PRODUCT, version=__version__, url=URL)
-    service.add_interface(interface_text("io.systemd"), object())
     service.add_interface(interface_text(MACHINE_INSTANCE), MachineInstance(machine))
     service.add_interface(interface_text("io.systemd.VirtualMachineInstance"), VirtualMachineInstance())
     service.add_interface(interface_text("io.systemd.QemuMachineInstance"), QemuMachineInstance(machine))
