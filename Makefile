@@ -52,7 +52,7 @@ venv: deps $(VENV)/.installed
 # apt-get download into $(CACHE) (nothing is installed on the host).
 guest: deps $(GUEST)
 
-$(GUEST): contrib/guest/build-guest contrib/guest/init
+$(GUEST) &: contrib/guest/build-guest contrib/guest/init
 	$(PYTHON) contrib/guest/build-guest --out $(GUEST_DIR)
 
 run: setup

@@ -148,12 +148,15 @@ class Daemon:
 
     def _start_demo(self, guest_dir: str) -> None:
         guest_dir = os.path.abspath(guest_dir)
+        # The uncompressed kernel boots ~2 s faster under TCG than Debian's xz'd vmlinuz.
+        kernel = next(p for p in (os.path.join(guest_dir, "vmlinux"), os.path.join(guest_dir, "vmlinuz"))
+                      if os.path.exists(p) or p.endswith("vmlinuz"))
         try:
             config = MachineConfig.from_dict({
                 "name": "demo", "memory": "256M",
-                "linux": os.path.join(guest_dir, "vmlinuz"),
+                "linux": kernel,
                 "initrd": os.path.join(guest_dir, "initramfs.img"),
-                "append": "console=ttyS0 quiet panic=-1",
+                "append": "console=ttyS0 quiet panic=-1 cryptomgr.notests",
             })
             entry = self.manager.create(config)
         except (ConfigError, VarlinkError) as e:
