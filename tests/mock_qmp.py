@@ -33,6 +33,9 @@ from vmbridge.qmp import QMPClient
 
 from qemu_helpers import TIMEOUT
 
+#: How long the mock waits for the client before failing the test.
+MOCK_TIMEOUT = 10
+
 GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0},
                                 "package": "mock"},
                     "capabilities": ["oob"]}}
@@ -43,7 +46,8 @@ class MockQMPServer:
 
     def __init__(self, sock: socket.socket):
         self.sock = gevent.socket.socket(fileno=sock.detach())
-        self.sock.settimeout(TIMEOUT)
+        # Bounded so a test whose client never answers fails, not hangs.
+        self.sock.settimeout(MOCK_TIMEOUT)
         self._buffer = bytearray()
         self.received_fds: list[int] = []  # fds that came with messages; closed by close()
 
@@ -97,6 +101,8 @@ class MockQMPServer:
         return request
 
     def handshake(self, greeting: dict = GREETING) -> None:
+        """Greet and accept ``qmp_capabilities`` (the client's pump must
+        be running: see :func:`establish`)."""
         self.send(greeting)
         self.reply(self.expect("qmp_capabilities"))
 
@@ -123,6 +129,13 @@ def mock_qmp(no_leaks):
     finally:
         client.close()
         server.close()
+
+
+def establish(client: QMPClient, server: MockQMPServer) -> None:
+    """Run the handshake on both ends; the client is RUNNING afterwards."""
+    client.start()
+    server.handshake()
+    client.handshake(timeout=TIMEOUT)
 
 
 def make_pair(**client_kwargs):

@@ -339,8 +339,7 @@ class QMPClient:
             while self.state is not State.DISCONNECTED:
                 self._dispatch(self._read_message())
         except QMPProtocolError as exc:
-            logger.error("%s: QMP protocol error, disconnecting: %s", self.name, exc)
-            self._disconnect(exc)
+            self._disconnect(exc)  # which logs it
         except QMPDisconnectedError:
             pass  # sending qmp_capabilities failed; _send disconnected already
         except UnexpectedEOF as exc:
