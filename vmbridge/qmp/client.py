@@ -75,8 +75,13 @@ class State(enum.Enum):
     DISCONNECTED = "disconnected"
 
 
-def _encode(message: dict) -> bytes:
-    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+# One encoder for all: json.dumps() with non-default options builds a new
+# JSONEncoder on every call.
+_json_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _encode(message) -> bytes:
+    return _json_encode(message).encode() + b"\n"
 
 
 def _for_log(data: bytes | str) -> str:
@@ -228,10 +233,10 @@ class QMPClient:
         QMPTimeoutError after ``timeout`` seconds (a late reply is dropped).
         Every QMPError raised here says in ``fds_sent`` whether QEMU got fds.
         """
-        message = {"execute": command}
+        request = {"execute": command}
         if arguments is not None:
-            message["arguments"] = arguments
-        reply = self.execute_raw(message, fds=fds, timeout=timeout)
+            request["arguments"] = arguments
+        reply = self._roundtrip(request, fds, timeout)
         if "error" in reply:
             raise QMPCommandError(command, reply["error"], fds_sent=bool(fds))
         return reply["return"]
@@ -246,9 +251,15 @@ class QMPClient:
         """
         if not isinstance(message, dict):
             raise TypeError("a QMP command is a JSON object (dict)")
-        fds = tuple(fds)
-        if not all(isinstance(fd, int) and fd >= 0 for fd in fds):
-            raise ValueError(f"fds must be non-negative ints: {fds!r}")
+        return self._roundtrip(dict(message), fds, timeout)
+
+    def _roundtrip(self, request: dict, fds, timeout: float | None) -> dict:
+        """Send ``request`` (ours to modify) with a fresh id and return the
+        reply without its id.  The one path of execute and execute_raw."""
+        if fds:
+            fds = tuple(fds)
+            if not all(isinstance(fd, int) and fd >= 0 for fd in fds):
+                raise ValueError(f"fds must be non-negative ints: {fds!r}")
         self._refuse_in_pump("execute")
         progress = SendProgress()
         timer = gevent.Timeout.start_new(timeout) if timeout is not None else None
@@ -257,7 +268,6 @@ class QMPClient:
             if self.state is not State.RUNNING:
                 self._wait_running()
             msg_id = next(self._ids)
-            request = dict(message)
             request["id"] = msg_id
             waiter = gevent.event.AsyncResult()
             self._pending[msg_id] = waiter
@@ -271,10 +281,10 @@ class QMPClient:
                     self._abandoned.add(msg_id)  # the pump drops its late reply
             if progress.partial:
                 raise QMPDisconnectedError(
-                    f"{self.name}: timed out half-way through sending {message.get('execute')}",
+                    f"{self.name}: timed out half-way through sending {request.get('execute')}",
                     reason=self.disconnect_reason, fds_sent=progress.fds_sent) from None
             raise QMPTimeoutError(
-                f"{self.name}: no reply to {message.get('execute', message.get('exec-oob'))}"
+                f"{self.name}: no reply to {request.get('execute', request.get('exec-oob'))}"
                 f" within {timeout} s", fds_sent=progress.fds_sent) from None
         except QMPError as exc:
             exc.fds_sent = progress.fds_sent

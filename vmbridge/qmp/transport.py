@@ -25,7 +25,6 @@ never interleave their bytes.
 from __future__ import annotations
 
 import array
-import dataclasses
 import socket
 
 import gevent.lock
@@ -42,7 +41,6 @@ RECV_SIZE = 256 * 1024
 EXCERPT_SIZE = 80
 
 
-@dataclasses.dataclass
 class SendProgress:
     """How far one :meth:`Transport.send` got; inspected when it fails.
 
@@ -52,9 +50,12 @@ class SendProgress:
     half a command and the stream can no longer be used.
     """
 
-    total: int = 0
-    bytes_sent: int = 0
-    fds_sent: bool = False
+    __slots__ = ("total", "bytes_sent", "fds_sent")
+
+    def __init__(self):
+        self.total = 0
+        self.bytes_sent = 0
+        self.fds_sent = False
 
     @property
     def partial(self) -> bool:
@@ -164,7 +165,6 @@ class Transport:
         if progress is None:
             progress = SendProgress()
         progress.total = len(data)
-        view = memoryview(data)
         with self._send_lock:
             if fds:
                 ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
@@ -173,11 +173,15 @@ class Transport:
                 while not sent:
                     # gevent's sendmsg returns 0 if the socket was still not
                     # writable after one wait; nothing (fds included) left.
-                    sent = self.sock.sendmsg([view], ancillary)
+                    sent = self.sock.sendmsg([data], ancillary)
                 progress.fds_sent = True
-                progress.bytes_sent = sent
-            while progress.bytes_sent < progress.total:
-                progress.bytes_sent += self.sock.send(view[progress.bytes_sent:])
+            else:
+                sent = self.sock.send(data)
+            progress.bytes_sent = sent
+            if sent < progress.total:  # a partial write: send the rest
+                view = memoryview(data)
+                while progress.bytes_sent < progress.total:
+                    progress.bytes_sent += self.sock.send(view[progress.bytes_sent:])
 
     def close(self) -> None:
         """Close the socket (idempotent).  A greenlet blocked on it gets an
