@@ -219,10 +219,15 @@ class Manager:
         server.start()
         entry.server = server
 
-    def _close_control(self, entry: Entry) -> None:
+    def _close_control(self, entry: Entry):
+        """Remove the socket; calls in progress get their answer and streams drain.
+
+        In a greenlet of its own: the caller may be what a call in progress waits for.
+        """
         server, entry.server = entry.server, None
         if server is not None:
-            server.stop()
+            return gevent.spawn(server.stop, graceful=True)
+        return None
 
     def _publish(self, event: str, entry: Entry) -> None:
         if len(self.lifecycle):
@@ -233,7 +238,6 @@ class Manager:
         entries = list(self.entries.values())
         if keep_vms:
             for entry in entries:
-                self._close_control(entry)
                 entry.machine.detach()
         else:
             group = gevent.pool.Group()
@@ -241,8 +245,7 @@ class Manager:
                 if entry.machine.state.active:
                     group.spawn(entry.machine.terminate)
             group.join()
-            for entry in entries:
-                self._close_control(entry)
+        gevent.joinall([g for g in map(self._close_control, entries) if g is not None])
         self.lifecycle.close()
 
 

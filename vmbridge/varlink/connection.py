@@ -75,6 +75,7 @@ class _Connection:
         self._interrupted = False
         self._released = False
         self._upgraded = False
+        self._in_call = False
 
     def __repr__(self):
         return "<varlink connection %s>" % self.description
@@ -107,6 +108,13 @@ class _Connection:
     def close_after_call(self):
         """Close once the call being handled has been answered."""
         self._finish_requested = True
+
+    def close_gracefully(self):
+        """Close now if idle; else once the call in progress (or stream) has ended."""
+        if self._in_call:
+            self.close_after_call()
+        else:
+            self.close()
 
     def _interrupt(self, reason):
         if self._interrupted or self.greenlet is None or self.greenlet.dead:
@@ -252,6 +260,7 @@ class _Connection:
 
     def _dispatch(self, call):
         """Run one call and send its replies. True if the socket was handed over."""
+        self._in_call = True
         try:
             try:
                 result = self._server.service.handle(call)
@@ -273,6 +282,7 @@ class _Connection:
                 self._reply(call, result)
             return False
         finally:
+            self._in_call = False
             call.close_fds()
 
     def _reply(self, call, parameters, continues=False):

@@ -137,8 +137,13 @@ class Server:
         self._accept_greenlet = gevent.spawn(self._accept_loop)
         log.info("varlink: listening on %s", self.address)
 
-    def stop(self, timeout=5.0):
-        """Stop accepting, end every connection, remove our socket. Idempotent."""
+    def stop(self, timeout=5.0, *, graceful=False):
+        """Stop accepting, end every connection, remove our socket. Idempotent.
+
+        With `graceful`, idle connections close at once and a connection in
+        the middle of a call (or stream) closes once that call has ended;
+        any still open after `timeout` seconds are closed regardless.
+        """
         if self._stopped:
             return
         self._stopped = True
@@ -153,11 +158,16 @@ class Server:
             if connection.greenlet is current:
                 # stop() called by a handler: answer its call, then close.
                 connection.close_after_call()
+            elif graceful:
+                connection.close_gracefully()
             else:
                 connection.close()
-        gevent.joinall([c.greenlet for c in connections
-                        if c.greenlet is not None and c.greenlet is not current],
-                       timeout=timeout)
+        others = [c.greenlet for c in connections if c.greenlet is not None and c.greenlet is not current]
+        gevent.joinall(others, timeout=timeout)
+        for connection in connections:
+            if connection.greenlet is not current:
+                connection.close()
+        gevent.joinall(others, timeout=timeout)
         for connection in connections:
             if connection.greenlet is not current:
                 connection.release()
