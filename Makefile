@@ -73,8 +73,8 @@ soak: setup
 	$(VPY) bench/soak.py
 
 # Packaging (contrib/rpm/README.md). `make dist` writes the sdist, which is
-# the RPM's Source0; `make rpm` builds the source and binary RPMs from it with
-# rpmbuild and runs rpmlint on them. On a host without Fedora's rpm macros
+# the RPM's Source0; `make rpm` builds the source and binary RPMs from it (the
+# spec too comes out of the tarball) with rpmbuild and runs rpmlint on them. On a host without Fedora's rpm macros
 # (Debian: `apt-get install rpm` has no python/systemd macros and an empty rpm
 # database) it loads contrib/rpm/macros.fallback and skips the BuildRequires
 # check; the spec itself stays as Fedora builds it.
@@ -113,16 +113,18 @@ rpm-deps:
 
 rpm: rpm-deps dist
 	rm -rf $(RPM_TOPDIR)
-	mkdir -p $(RPM_TOPDIR) $(RPM_DIR)
+	mkdir -p $(RPM_TOPDIR)/SPECS $(RPM_DIR)
 	rm -f $(RPM_DIR)/vmbridge-$(VERSION)-*.rpm
+	tar -xzOf $(SDIST) vmbridge-$(VERSION)/contrib/rpm/vmbridge.spec > $(RPM_TOPDIR)/SPECS/vmbridge.spec
+	chmod 0644 $(RPM_TOPDIR)/SPECS/vmbridge.spec
 	rpmbuild -ba --quiet $(RPM_NODEPS) $(RPM_FALLBACK) \
 		--define "_topdir $(RPM_TOPDIR)" \
 		--define "_sourcedir $(DIST_DIR)" \
 		--define "_srcrpmdir $(RPM_DIR)" \
 		--define "_rpmdir $(RPM_DIR)" \
 		--define "_rpmfilename %{NAME}-%{VERSION}-%{RELEASE}.%{ARCH}.rpm" \
-		contrib/rpm/vmbridge.spec
-	rpmlint $(RPMLINT_CONFIG) contrib/rpm/vmbridge.spec $(RPM_DIR)/vmbridge-$(VERSION)-*.rpm
+		$(RPM_TOPDIR)/SPECS/vmbridge.spec
+	rpmlint $(RPMLINT_CONFIG) $(RPM_TOPDIR)/SPECS/vmbridge.spec $(RPM_DIR)/vmbridge-$(VERSION)-*.rpm
 	@ls -1 $(RPM_DIR)/vmbridge-$(VERSION)-*.rpm
 
 clean:
