@@ -34,7 +34,10 @@ deps:
 	@missing=""; \
 	command -v qemu-system-x86_64 >/dev/null || missing="$$missing qemu-system-x86"; \
 	command -v qemu-img >/dev/null || missing="$$missing qemu-utils"; \
-	[ -e /usr/share/OVMF/OVMF_CODE.fd ] || [ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || missing="$$missing ovmf"; \
+	[ -e /usr/share/ovmf/OVMF.fd ] || missing="$$missing ovmf"; \
+	command -v groff >/dev/null || missing="$$missing groff-base"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	[ -e /usr/share/bash-completion/bash_completion ] || missing="$$missing bash-completion"; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	command -v dpkg-deb >/dev/null || missing="$$missing dpkg"; \
 	if [ -n "$$missing" ]; then \
