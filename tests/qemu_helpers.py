@@ -10,7 +10,7 @@ that lists ``monitor-qmp`` among its user-creatable objects (``-object
 help``) gets ``-object monitor-qmp,...``, otherwise the long-standing
 ``-mon chardev=...,mode=control``.
 
-Fixtures (import them into a test module to use them):
+Fixtures (a test module gets them with ``pytest_plugins = ["qemu_helpers"]``):
 ``no_leaks``   fails the test if it left an fd open or a child process behind
 ``qemu_qmp``   ``(proc, sock)``: QEMU with its monitor on the other end of a
                socketpair; ``sock`` is a stdlib socket the test may hand to a

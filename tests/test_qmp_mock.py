@@ -10,9 +10,12 @@ from vmbridge.qmp import (QMPCommandError, QMPDisconnectedError,
                           QMPListenerClosedError, QMPListenerOverflowError,
                           QMPProtocolError, QMPTimeoutError, State)
 
-from mock_qmp import GREETING, establish, make_pair, mock_qmp  # noqa: F401
-from qemu_helpers import TIMEOUT, no_leaks  # noqa: F401
+# Shared test modules: rewrite their asserts too (before importing them).
+pytest.register_assert_rewrite("qemu_helpers", "mock_qmp")
+from mock_qmp import GREETING, establish, make_pair
+from qemu_helpers import TIMEOUT
 
+pytest_plugins = ["qemu_helpers", "mock_qmp"]  # fixtures: no_leaks, mock_qmp
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
 
@@ -293,6 +296,28 @@ def test_stalled_server_times_out_and_late_reply_is_dropped(mock_qmp, caplog):
         assert call.get(timeout=TIMEOUT) == "quick"
     assert not caplog.records  # dropped silently
     assert client.state is State.RUNNING
+
+
+def test_killed_caller_leaves_no_trace(mock_qmp, caplog):
+    client, server = mock_qmp
+    establish(client, server)
+    call = spawn_execute(client, "slow")
+    slow = server.expect("slow")
+    call.kill()
+    with caplog.at_level(logging.WARNING, logger="vmbridge.qmp"):
+        server.reply(slow, "late")
+        other = spawn_execute(client, "fast")
+        server.reply(server.expect("fast"), "quick")
+        assert other.get(timeout=TIMEOUT) == "quick"
+    assert not caplog.records and client.state is State.RUNNING
+
+
+def test_deeply_nested_json_is_a_protocol_error(mock_qmp):
+    client, server = mock_qmp
+    establish(client, server)
+    server.send_raw(b"[" * 100_000 + b"]" * 100_000 + b"\n")
+    wait_disconnected(client)
+    assert isinstance(client.disconnect_reason, QMPProtocolError)
 
 
 def test_oversized_line_is_a_protocol_error_with_bounded_memory():

@@ -11,9 +11,11 @@ from vmbridge.qmp import (QMPClient, QMPCommandError, QMPDisconnectedError,
                           State)
 from vmbridge.qmp import transport
 
-from qemu_helpers import (TIMEOUT, kill_qemu, no_leaks, qemu_client,  # noqa: F401
-                          qemu_qmp, spawn_qemu_unix)
+# Shared test modules: rewrite their asserts too (before importing them).
+pytest.register_assert_rewrite("qemu_helpers")
+from qemu_helpers import TIMEOUT, kill_qemu, spawn_qemu_unix
 
+pytest_plugins = ["qemu_helpers"]  # fixtures: no_leaks, qemu_qmp, qemu_client
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
 
