@@ -96,7 +96,10 @@ class QMPClient(CommandWrappers):
     """A QMP connection to one QEMU, driven from gevent greenlets.
 
     ``sock`` is a connected stream socket (AF_UNIX to pass fds), stdlib or
-    gevent; the client takes ownership of it.  Constructing does no I/O.
+    gevent; the client takes ownership of it (a stdlib socket object is
+    detached and left closed).  Constructing does no I/O.  If it raises
+    (TypeError, ValueError for a bad ``max_message_size``), ``sock`` is
+    still the caller's.
     """
 
     def __init__(self, sock, *, name: str = "qmp",
@@ -131,14 +134,14 @@ class QMPClient(CommandWrappers):
         sock = gevent.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(timeout)
-            sock.connect(path)
-        except socket.timeout as exc:
-            sock.close()
-            raise QMPTimeoutError(f"connecting to {path} timed out") from exc
+            try:
+                sock.connect(path)
+            except socket.timeout as exc:
+                raise QMPTimeoutError(f"connecting to {path} timed out") from exc
+            return cls(sock, name=name, **kwargs)
         except BaseException:
-            sock.close()
+            sock.close()  # still ours: the client takes it only on success
             raise
-        return cls(sock, name=name, **kwargs)
 
     def __repr__(self) -> str:
         return f"<QMPClient {self.name} {self.state.value}>"
