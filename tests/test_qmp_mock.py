@@ -1,7 +1,10 @@
 """QMPClient against a scripted peer: what a real QEMU cannot be made to do."""
 
+import array
+import fcntl
 import logging
 import os
+import termios
 
 import gevent
 import pytest
@@ -134,16 +137,28 @@ def test_out_of_order_replies(mock_qmp):
     assert [call.get(timeout=TIMEOUT) for call in calls] == list(range(5))
 
 
+def unread_bytes(fd: int) -> int:
+    """Bytes waiting in a socket's receive queue (SIOCINQ)."""
+    count = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, count)
+    return count[0]
+
+
 class CountingSocket:
-    """Wraps the client's socket to count its reads."""
+    """Wraps the client's socket to count its reads and writes."""
 
     def __init__(self, sock):
         self.sock = sock
         self.reads = 0
+        self.sends = 0
 
     def recv(self, size):
         self.reads += 1
         return self.sock.recv(size)
+
+    def send(self, data):
+        self.sends += 1
+        return self.sock.send(data)
 
     def __getattr__(self, name):
         return getattr(self.sock, name)
@@ -157,11 +172,14 @@ def test_reply_one_byte_per_write(mock_qmp):
     request = server.expect("query-name")
     data = b'{"return": {"name": "sl\\u00f6w"}, "id": %d}\r\n' % request["id"]
     reads_before = counting.reads
+    client_fd = client._transport.fileno()
     for i in range(len(data)):
         server.send_raw(data[i:i + 1])
-        gevent.sleep(0.0005)  # long enough for the pump to poll and read
+        with gevent.Timeout(TIMEOUT):
+            while unread_bytes(client_fd):  # until the pump took this byte
+                gevent.sleep(0.0005)
     assert call.get(timeout=TIMEOUT) == {"name": "slöw"}
-    assert counting.reads - reads_before > len(data) // 2  # really split up
+    assert counting.reads - reads_before >= len(data)  # one read per byte
 
 
 def test_five_megabyte_reply(mock_qmp):
@@ -215,10 +233,14 @@ def test_unmatchable_replies_are_ignored(mock_qmp, caplog):
 def test_fds_travel_with_the_command(mock_qmp):
     client, server = mock_qmp
     establish(client, server)
+    counting = client._transport.sock = CountingSocket(client._transport.sock)
     read_end, write_end = os.pipe()
     try:
-        call = spawn_execute(client, "getfd", {"fdname": "p" * 200_000}, fds=[read_end])
-        request = server.expect("getfd")  # 200 KB: many writes, fds on the first
+        # 2 MB cannot fit the socket buffer: sendmsg writes part of it (with
+        # the fds), plain sends the rest once the peer reads.
+        call = spawn_execute(client, "getfd", {"fdname": "p" * 2_000_000}, fds=[read_end])
+        request = server.expect("getfd")
+        assert counting.sends >= 1
         assert len(server.received_fds) == 1
         assert os.fstat(server.received_fds[0]).st_ino == os.fstat(read_end).st_ino
         server.reply(request)

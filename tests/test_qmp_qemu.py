@@ -183,6 +183,17 @@ def test_hundred_concurrent_callers_get_their_own_replies(qemu_client):
     assert [caller.value for caller in callers] == [True] * 100
 
 
+def wait_all_threads_stopped(pid: int) -> None:
+    """SIGSTOP stops each thread asynchronously; wait until all have."""
+    def states():
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/stat") as stat:
+                yield stat.read().rsplit(")", 1)[1].split()[0]
+    with gevent.Timeout(TIMEOUT):
+        while not all(state == "T" for state in states()):
+            gevent.sleep(0.001)
+
+
 def test_qemu_killed_while_commands_pending(qemu_qmp, qemu_client):
     proc, _sock = qemu_qmp
     reasons = []
@@ -190,6 +201,7 @@ def test_qemu_killed_while_commands_pending(qemu_qmp, qemu_client):
     with qemu_client.listen() as listener:
         # A stopped QEMU reads nothing, so every command stays pending.
         os.kill(proc.pid, signal.SIGSTOP)
+        wait_all_threads_stopped(proc.pid)
         callers = [gevent.spawn(qemu_client.execute, "query-status") for _ in range(20)]
         gevent.sleep(0.05)
         assert all(not caller.ready() for caller in callers)
