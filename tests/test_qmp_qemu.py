@@ -10,6 +10,7 @@ import pytest
 from vmbridge.qmp import (QMPClient, QMPCommandError, QMPDisconnectedError,
                           State)
 from vmbridge.qmp import transport
+from vmbridge.qmp.schema import KNOWN_TYPES
 
 # Shared test modules: rewrite their asserts too (before importing them).
 pytest.register_assert_rewrite("qemu_helpers")
@@ -73,6 +74,8 @@ def test_schema_arrives_in_many_reads_and_answers_probes(qemu_client, monkeypatc
     with pytest.raises(ValueError, match="type name"):
         probe("NoSuchQapiType", "x")                  # unanswerable: names are masked
     assert qemu_client.schema_lookup("BlockdevAioOptions")["meta-type"] == "enum"
+    unresolved = [name for name in KNOWN_TYPES if qemu_client.schema_lookup(name) is None]
+    assert not unresolved, "KNOWN_TYPES paths that do not resolve on this QEMU"
 
 
 def test_stop_cont_events_via_listener_and_callback(qemu_client):
