@@ -153,7 +153,9 @@ class Daemon:
                       if os.path.exists(p) or p.endswith("vmlinuz"))
         try:
             config = MachineConfig.from_dict({
-                "name": "demo", "memory": "256M",
+                # TCG: the demo must boot the same everywhere, also where /dev/kvm
+                # exists but cannot run a guest (nested virtualisation).
+                "name": "demo", "memory": "256M", "accel": "tcg",
                 "linux": kernel,
                 "initrd": os.path.join(guest_dir, "initramfs.img"),
                 "append": "console=ttyS0 quiet panic=-1 cryptomgr.notests",
