@@ -118,6 +118,7 @@ class Machine:
         self.process: QemuProcess | None = None
         self.console: Console | None = None
         self._pending_stop_status: str | None = None
+        self._detached = False  # let go of for the next vmbridged: QMP loss is expected
         self._gone = gevent.event.Event()
         self._gone.set()  # nothing running yet
         self._settled = gevent.event.Event()  # set whenever the state is not `starting`
@@ -369,6 +370,7 @@ class Machine:
         except Exception:
             if machine.qmp is not None:
                 machine.qmp.close()
+            machine.process.close()
             raise
         machine.qemu_status, machine.qemu_running = status["status"], status["running"]
         machine.process.on_exit(machine._on_process_exit)
@@ -435,7 +437,7 @@ class Machine:
             self.events.publish(MachineEvent(event.name, event.data, event.timestamp))
 
     def _on_qmp_disconnect(self, reason) -> None:
-        if self.process is None or self.process.exited:
+        if self.process is None or self.process.exited or self._detached:
             return
         # QMP gone but QEMU alive: a VM nobody can control. Give a dying QEMU
         # a moment to exit by itself, then end it.
@@ -484,6 +486,7 @@ class Machine:
 
     def detach(self) -> None:
         """Let go of a running QEMU without stopping it (daemon exiting, VMs kept)."""
+        self._detached = True
         if self.qmp is not None:
             self.qmp.close()
         if isinstance(self.process, AdoptedProcess):
