@@ -161,6 +161,15 @@ def test_plumbing_fallback_aio_hotplug_rollback(tmp_path, monkeypatch, caplog, w
         with pytest.raises(setup.UnplugTimeout):
             devices.remove_storage("hot", timeout=0.5)
         assert drive.state == "removing"
+
+        # a restarted vmbridged rebuilds the bookkeeping from state.json
+        adopted = Machine.adopt(machine.directory, command_timeout=10)
+        try:
+            assert adopted.devices.owned_ids() == devices.owned_ids()
+            assert adopted.devices.drives["hot"].to_dict() == drive.to_dict()
+            assert adopted.devices.free_ports == devices.free_ports
+        finally:
+            adopted.detach()
     finally:
         machine.terminate()
     assert machine.devices.owned_ids()["devices"]  # the record stays readable after the end

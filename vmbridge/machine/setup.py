@@ -819,6 +819,7 @@ class DeviceState:
                 except MachineCommandError as e:
                     raise StorageBusy(f"storage {name!r}: QEMU refused device_del: {e.desc}") from e
                 drive.state = "removing"
+                self._saved()
                 log.info("%s: storage %s: unplug requested", self.name, name)
         if not drive.removed.wait(timeout):
             raise UnplugTimeout(f"storage {name!r}: the guest did not release the disk within "
