@@ -12,10 +12,10 @@ import subprocess
 import gevent
 import pytest
 
-from qemu_helpers import child_pids, no_leaks, open_fds  # noqa: F401 (fixture)
+from qemu_helpers import no_leaks  # noqa: F401 (a fixture)
 from vmbridge.machine import Machine, MachineConfig, MachineError
 from vmbridge.machine import devices as dev
-from vmbridge.machine import images, setup
+from vmbridge.machine import setup
 from vmbridge.qmp.schema import SchemaIndex
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs QEMU")

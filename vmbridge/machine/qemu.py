@@ -1,7 +1,9 @@
 """The QEMU binary: what it supports, and the command line vmbridged gives it.
 
 The command line carries only what QMP cannot do after start-up: the machine
-itself, its memory backend, firmware, direct kernel boot, the serial port and
+itself, its memory backend (shared memfd when the VM has virtiofs shares),
+the PCIe root ports (pcie.0 takes no hotplugged devices; see
+vmbridge.machine.setup), firmware, direct kernel boot, the serial port and
 the QMP monitors. Everything else is set up over QMP between ``-S`` and
 ``cont`` (vmbridge.machine.setup).
 

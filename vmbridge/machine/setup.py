@@ -417,6 +417,10 @@ class DeviceState:
         finally:
             self._prepared.clear()
             self.close_held_fds()
+        if self.timings:
+            log.info("%s: devices set up over QMP in %.1f ms (%s)", self.name,
+                     sum(self.timings.values()) * 1000,
+                     ", ".join(f"{label.split(':')[0]} {t * 1000:.1f} ms" for label, t in self.timings.items()))
 
     @staticmethod
     def _label(item) -> str:
