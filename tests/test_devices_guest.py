@@ -170,6 +170,17 @@ def test_guest_sees_devices_and_hotplug(daemon, tmp_path):
     # a read-only fd and no config: a read-only disk
     assert call("AddStorage", {"name": "pool:ro", "config": None}, small, os.O_RDONLY) == {}
     console.expect(r"vmbridge-guest: block-added vdf size=1048576 ro=1", mark)
+    # SCSI (on the controller made at start) and NVMe (a controller per disk, on a root port)
+    assert call("AddStorage", {"name": "pool:sd", "config": "if=scsi"}, image(img / "sd.raw", 3 << 20)) == {}
+    assert call("AddStorage", {"name": "pool:nv", "config": "if=nvme,serial=hotnv"},
+                image(img / "hnv.raw", 5 << 20)) == {}
+    console.expect(r"vmbridge-guest: block-added sdb size=3145728 ro=0", mark)
+    console.expect(r"vmbridge-guest: block-added nvme1n1 size=5242880 ro=0 serial=hotnv", mark)
+    mark = len(console.text())
+    assert call("RemoveStorage", {"name": "pool:sd"}) == {}
+    assert call("RemoveStorage", {"name": "pool:nv"}) == {}
+    console.expect(r"vmbridge-guest: block-removed sdb", mark)
+    console.expect(r"vmbridge-guest: block-removed nvme1n1", mark)
     mark = len(console.text())
     t0 = time.monotonic()
     assert call("RemoveStorage", {"name": "pool:hot"}) == {}
@@ -180,7 +191,7 @@ def test_guest_sees_devices_and_hotplug(daemon, tmp_path):
     print(f"AddStorage {added * 1000:.0f} ms (guest's block-added after {seen_added:.2f}s), "
           f"RemoveStorage {removed:.2f}s")
     targets = [os.readlink(f"/proc/{qemu_pid}/fd/{fd}") for fd in os.listdir(f"/proc/{qemu_pid}/fd")]
-    assert not any("hot" in t or "small" in t for t in targets), targets  # QEMU let go of them
+    assert not any(name in t for t in targets for name in ("hot", "small", "sd.raw", "hnv.raw")), targets
 
     # -- the end: base image untouched, nothing left ---------------------------------
     assert daemon.call("Terminate", {"name": "devs"}) == {}
