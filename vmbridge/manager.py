@@ -219,8 +219,9 @@ class Manager:
 
     def _open_control(self, entry: Entry) -> None:
         path = os.path.join(entry.machine.directory, "control")
+        # fd passing: AddStorage/ReplaceStorage receive the image's fd with the call.
         server = Server(build_service(entry.machine), path=path, mode=0o600,
-                        allowed_uids=self.allowed_uids)
+                        allowed_uids=self.allowed_uids, allow_fd_passing=True)
         server.start()
         entry.server = server
 
