@@ -15,13 +15,11 @@ import gevent.socket
 import gevent.subprocess
 import pytest
 
-pytest.register_assert_rewrite("varlink_fixtures")
 from varlink_fixtures import (
     MACHINE, FakeMachine, TestHandler, machine_service, make_test_service,
     open_fds, wait_for)
 from vmbridge.varlink import VarlinkError
 
-pytest_plugins = ["varlink_fixtures"]    # serve, raw_clients, socket_dir, ...
 
 T = "org.example.test."
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

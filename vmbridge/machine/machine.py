@@ -21,7 +21,6 @@ import enum
 import json
 import logging
 import os
-import signal
 import socket
 import time
 
@@ -34,8 +33,8 @@ from vmbridge.machine.config import MachineConfig
 from vmbridge.machine.console import Console
 from vmbridge.machine.events import EventHub, MachineEvent
 from vmbridge.machine.process import AdoptedProcess, ChildProcess, ExitInfo, QemuProcess
-from vmbridge.qmp import (QMPClient, QMPCommandError, QMPDisconnectedError, QMPError,
-                          QMPTimeoutError, State as QMPState)
+from vmbridge.qmp import (QMPClient, QMPCommandError, QMPDisconnectedError, QMPTimeoutError,
+                          State as QMPState)
 
 log = logging.getLogger("vmbridge.machine")
 
