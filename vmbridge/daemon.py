@@ -198,6 +198,7 @@ class Daemon:
 The demo VM is running. In another terminal, try:
     .venv/bin/vmctl --runtime-dir {rt} list
     .venv/bin/vmctl --runtime-dir {rt} describe demo
+    .venv/bin/vmctl --runtime-dir {rt} console demo        (a root shell; Ctrl-] detaches)
     .venv/bin/vmctl --runtime-dir {rt} events demo        (then pause/resume from a third terminal)
     .venv/bin/vmctl --runtime-dir {rt} pause demo
     .venv/bin/vmctl --runtime-dir {rt} resume demo
