@@ -403,3 +403,25 @@ def test_verb_run_with_a_vmctl_context(control):
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_service_closed_viewer_that_never_reads_is_cut_off(control, monkeypatch):
+    """The VM exits while a viewer's socket is full: its socket is closed after the grace period."""
+    import vmbridge.control
+    monkeypatch.setattr(vmbridge.control, "CONSOLE_CLOSE_GRACE", 0.2)
+    console, qemu, address = control()
+    stuck, _, _ = cli.attach(address, read_only=True)
+    writer, _, _ = cli.attach(address)
+    wait_for(lambda: len(console.viewers) == 2)
+    writer_got = gevent.spawn(recv_to_eof, writer)  # the writer keeps up
+    for _ in range(32):                             # 2 MiB: the stuck one's socket and buffer are full
+        qemu.sendall(b"y" * 65536)
+    wait_for(lambda: console.viewers[0].pending > 0)
+    console.close("the VM exited")
+    writer.sendall(b"typed after the console closed")   # dropped quietly, the writer is closed
+    assert writer_got.get(timeout=5).endswith(notice("the VM exited"))
+    gevent.sleep(0.5)                               # past the grace period, without reading
+    data = recv_to_eof(stuck)                       # what the kernel holds, then EOF: cut off
+    assert not data.endswith(notice("the VM exited"))
+    stuck.close()
+    writer.close()

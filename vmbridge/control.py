@@ -24,7 +24,7 @@ import gevent
 from vmbridge import __version__
 from vmbridge.machine import (Machine, MachineCommandError, MachineError, MachineNotConnected,
                               MachineTimeout)
-from vmbridge.machine.console import ConsoleClosed, WriterPresent
+from vmbridge.machine.console import ConsoleClosed, ConsoleError, WriterPresent
 from vmbridge.varlink import Service, Upgrade, VarlinkError, interface_text
 
 log = logging.getLogger("vmbridge.control")
@@ -196,7 +196,7 @@ def serve_viewer(console, viewer, sock, pending: bytes) -> None:
                     break
                 if not viewer.read_only and not console.send(data, viewer):
                     break       # no longer the writer: it is being closed
-        except OSError as e:
+        except (OSError, ConsoleError) as e:    # the client's socket, or the console, went away
             log.debug("%s: console client: %s", console.name, e)
         viewer.close(discard=True)  # the client is gone: nothing more to send it
 
