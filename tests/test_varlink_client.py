@@ -140,6 +140,11 @@ def test_call_upgrade_hands_over_the_socket(serve, connect):
         assert data == b"upgraded:"
         sock.sendall(b"shout")
         assert sock.recv(100) == b"SHOUT"
+    # return_reply: the reply's parameters as well.
+    c = connect(c.address)
+    sock, pending, reply = c.call_upgrade(T + "Raw", return_reply=True)
+    sock.close()
+    assert reply == {}
 
 
 def test_fds_both_ways(serve, connect):

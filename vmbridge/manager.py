@@ -40,11 +40,12 @@ class Entry:
 
 class Manager:
     def __init__(self, runtime_dir: str, config_dir: str | None, *, command_timeout: float = 30.0,
-                 allowed_uids=None, on_change=None):
+                 allowed_uids=None, on_change=None, console_log_size: int | None = None):
         self.runtime_dir = runtime_dir
         self.machines_dir = os.path.join(runtime_dir, "machines")
         self.definitions = Definitions(config_dir) if config_dir else None
         self.command_timeout = command_timeout
+        self.console_log_size = console_log_size
         self.allowed_uids = allowed_uids
         self.entries: dict[str, Entry] = {}
         self.lifecycle = EventHub()
@@ -87,7 +88,8 @@ class Manager:
 
     def _new_machine(self, config: MachineConfig) -> Machine:
         return Machine(config, os.path.join(self.machines_dir, config.name),
-                       command_timeout=self.command_timeout, on_change=self._machine_changed)
+                       command_timeout=self.command_timeout, on_change=self._machine_changed,
+                       console_log_size=self.console_log_size)
 
     def load(self) -> None:
         """At daemon start: adopt the VMs an earlier vmbridged left, then the definitions."""
@@ -130,7 +132,8 @@ class Manager:
     def _try_adopt(self, name: str):
         try:
             return Machine.adopt(os.path.join(self.machines_dir, name), command_timeout=self.command_timeout,
-                                 on_change=self._machine_changed), None
+                                 on_change=self._machine_changed,
+                                 console_log_size=self.console_log_size), None
         except Exception as e:  # whatever went wrong, that VM is not ours any more
             return None, e
 
