@@ -71,10 +71,10 @@ def run(args, ctx):
             ctx.note("%s: exited (%s)" % (target.name, exited.get("reason", "unknown reason")))
 
     try:
-        results = ctx.for_each(targets, follow, ordered=False)
+        ctx.for_each(targets, follow, ordered=False)
     except KeyboardInterrupt:                           # the usual way to stop following
         return ctx.status()
     except BrokenPipeError:                             # `vmctl events ... | head`
         ctx.stdout_gone()
         return 0
-    return ctx.status(results)
+    return ctx.status()

@@ -23,13 +23,13 @@ def add_arguments(parser):
 def run(args, ctx):
     if args.verb == "terminate" and not ctx.address:
         targets = ctx.targets(args.names, resolve=False)
-        results = ctx.for_each(targets, lambda t: ctx.manager_call("Terminate", {"name": t.name}))
-        return ctx.status(results)
+        ctx.for_each(targets, lambda t: ctx.manager_call("Terminate", {"name": t.name}))
+        return ctx.status()
     method = METHODS[args.verb]
     results = ctx.for_each(ctx.targets(args.names), lambda t: ctx.call(t, method))
     if args.verb == "describe":
         show(ctx, [r for r in results if r.ok])
-    return ctx.status(results)
+    return ctx.status()
 
 
 def show(ctx, results):

@@ -22,4 +22,5 @@ def run(args, ctx):
                 e.message += " (terminate it first, or remove --force)"
             raise
 
-    return ctx.status(ctx.for_each(targets, remove))
+    ctx.for_each(targets, remove)
+    return ctx.status()

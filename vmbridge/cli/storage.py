@@ -68,4 +68,5 @@ def run(args, ctx):
             e.message = "storage %s %s: %s" % (args.action, params["name"], e.message)
             raise
 
-    return ctx.status(ctx.for_each([target], explained))
+    ctx.for_each([target], explained)
+    return ctx.status()
