@@ -187,7 +187,11 @@ def main(argv=None) -> int:
     from vmbridge.cli.context import DEFAULT_TIMEOUT, CLIError, Context
     parallel = len(getattr(args, "names", None) or ()) > 1
     if parallel:
-        _go_parallel()
+        try:
+            _go_parallel()
+        except ImportError as e:
+            sys.stderr.write("vmctl: several VMs at once need gevent (%s)\n" % e)
+            return 1
     ctx = Context(args, verb_parser, parallel=parallel,
                   default_timeout=getattr(module, "TIMEOUT", DEFAULT_TIMEOUT))
     try:
