@@ -88,15 +88,13 @@ def _scan(argv):
     that is not a global one (argparse would take its value for the verb).
     """
     argv = list(argv)
-    verb, unknown, i = None, None, 0
-    while i < len(argv):
+    end = argv.index("--") if "--" in argv else len(argv)
+    argv[:end] = ["--json=short" if arg == "--json" else arg for arg in argv[:end]]
+    verb = unknown = None
+    i = 0
+    while i < end:
         arg = argv[i]
-        if arg == "--":
-            verb = argv[i + 1] if i + 1 < len(argv) else None
-            break
-        if arg == "--json":
-            argv[i] = "--json=short"
-        elif arg in _GLOBAL_VALUED:
+        if arg in _GLOBAL_VALUED:
             if i + 1 >= len(argv):
                 return None, argv, None                 # argparse says what is missing
             i += 1
@@ -106,11 +104,6 @@ def _scan(argv):
         elif arg.split("=", 1)[0] not in _GLOBAL_VALUED + _GLOBAL_FLAGS and unknown is None:
             unknown = arg
         i += 1
-    for j in range(i + 1, len(argv)):
-        if argv[j] == "--":
-            break
-        if argv[j] == "--json":
-            argv[j] = "--json=short"
     if verb is None and not {"-h", "--help", "--version"} & set(argv):
         argv.append(DEFAULT_VERB)
         verb = DEFAULT_VERB
