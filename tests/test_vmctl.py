@@ -7,6 +7,7 @@ long something took.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -56,6 +57,10 @@ class Ctl:
         return subprocess.Popen([sys.executable, VMCTL, *args], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=env)
 
+    def events(self, *args):
+        """`vmctl events ARGS`, running: ``with ctl.events(...) as (proc, lines)``."""
+        return running(self.popen("events", *args))
+
     def states(self) -> dict:
         return {m["name"]: m["state"] for m in self.daemon.call("List")["parameters"]["machines"]}
 
@@ -93,10 +98,15 @@ class Lines:
         return [self.next() for _ in range(n)]
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+@contextlib.contextmanager
+def running(proc: subprocess.Popen):
+    """(proc, Lines of its stdout); killed at the end if it still runs."""
+    try:
+        yield proc, Lines(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def pid_of(daemon, name: str) -> int:
@@ -163,16 +173,12 @@ def test_pause_resume_describe_text_and_json(ctl, daemon):
 
 def test_reboot_and_poweroff_reach_qemu(ctl, daemon):
     daemon.create("r")
-    events = ctl.popen("events", "r")
-    try:
-        lines = Lines(events)
+    with ctl.events("r") as (proc, lines):
         assert lines.next().endswith(" r READY")
         ctl.ok("reboot", "r")
         assert re.fullmatch(r"\S+ r RESET \{.*\"reason\":\"host-qmp-system-reset\".*\}", lines.next())
         ctl.ok("poweroff", "r")                              # -machine none: QEMU says POWERDOWN only
         assert lines.next().endswith(" r POWERDOWN")
-    finally:
-        stop(events)
 
 
 # ---------------------------------------------------------- terminate
@@ -435,9 +441,7 @@ def test_global_options_before_or_after_the_verb(ctl, daemon):
 
 def test_events_one_vm_text_until_it_exits(ctl, daemon):
     daemon.create("e")
-    proc = ctl.popen("events", "e")
-    try:
-        lines = Lines(proc)
+    with ctl.events("e") as (proc, lines):
         assert re.fullmatch(r"\d\d:\d\d:\d\d\.\d{3} e READY", lines.next())
         ctl.ok("pause", "e")
         assert lines.next().endswith(" e STOP")
@@ -450,15 +454,11 @@ def test_events_one_vm_text_until_it_exits(ctl, daemon):
         assert json.loads(match.group(2)) == {"reason": "host-qmp-quit", "exitStatus": 0}
         assert lines.next() is None                          # the VM is gone: the stream ends
         assert proc.wait(30) == 0 and proc.stderr.read() == ""
-    finally:
-        stop(proc)
 
 
 def test_events_json(ctl, daemon):
     daemon.create("j")
-    proc = ctl.popen("events", "--json", "j")
-    try:
-        lines = Lines(proc)
+    with ctl.events("--json", "j") as (proc, lines):
         ready = json.loads(lines.next())
         assert set(ready) == {"timeUSec", "name", "event"} and (ready["name"], ready["event"]) == ("j", "READY")
         assert abs(ready["timeUSec"] / 1e6 - time.time()) < 3600
@@ -470,16 +470,12 @@ def test_events_json(ctl, daemon):
         assert shutdown["event"] == "SHUTDOWN" and shutdown["data"]["reason"] == "host-qmp-quit"
         assert exited["event"] == "EXITED" and exited["data"]["exitStatus"] == 0
         assert proc.wait(30) == 0
-    finally:
-        stop(proc)
 
 
 def test_events_two_vms_merged_with_filter(ctl, daemon):
     daemon.create("m1")
     daemon.create("m2")
-    proc = ctl.popen("events", "m1", "m2", "--filter", "STOP", "--filter=RESET")
-    try:
-        lines = Lines(proc)
+    with ctl.events("m1", "m2", "--filter", "STOP", "--filter=RESET") as (proc, lines):
         assert sorted(line.split()[1:] for line in lines.take(2)) == [["m1", "READY"], ["m2", "READY"]]
         ctl.ok("pause", "m2")
         assert lines.next().split()[1:] == ["m2", "STOP"]
@@ -493,16 +489,12 @@ def test_events_two_vms_merged_with_filter(ctl, daemon):
         assert proc.wait(30) == 0
         notes = sorted(proc.stderr.read().splitlines())       # ... but why it ended is said
         assert notes == ["vmctl: m1: exited (host-qmp-quit)", "vmctl: m2: exited (host-qmp-quit)"]
-    finally:
-        stop(proc)
 
 
 def test_events_two_vms_unfiltered_end_with_exited(ctl, daemon):
     daemon.create("u1")
     daemon.create("u2")
-    proc = ctl.popen("events", "u1", "u2")
-    try:
-        lines = Lines(proc)
+    with ctl.events("u1", "u2") as (proc, lines):
         lines.take(2)
         ctl.ok("terminate", "u1")
         assert [line.split()[1:3] for line in lines.take(2)] == [["u1", "SHUTDOWN"], ["u1", "EXITED"]]
@@ -512,36 +504,27 @@ def test_events_two_vms_unfiltered_end_with_exited(ctl, daemon):
         ctl.ok("terminate", "u2")
         assert [line.split()[1:3] for line in lines.take(2)] == [["u2", "SHUTDOWN"], ["u2", "EXITED"]]
         assert lines.next() is None and proc.wait(30) == 0
-    finally:
-        stop(proc)
 
 
 @pytest.mark.parametrize("names", [["i1"], ["i1", "i2"]], ids=["one", "several"])
 def test_events_ctrl_c_exits_0(ctl, daemon, names):
     for name in names:
         daemon.create(name)
-    proc = ctl.popen("events", *names)
-    try:
-        Lines(proc).take(len(names))
+    with ctl.events(*names) as (proc, lines):
+        lines.take(len(names))
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
         assert proc.stderr.read() == ""                      # no traceback
-    finally:
-        stop(proc)
 
 
 def test_events_of_a_missing_vm_is_reported_at_once(ctl, daemon):
     daemon.create("here")
-    proc = ctl.popen("events", "here", "missing")
-    try:
-        lines = Lines(proc)
+    with ctl.events("here", "missing") as (proc, lines):
         assert lines.next().split()[1:] == ["here", "READY"]
         assert proc.stderr.readline() == "vmctl: no such VM 'missing'\n"   # while "here" streams
         ctl.ok("terminate", "here")
         lines.take(2)
         assert proc.wait(30) == 1
-    finally:
-        stop(proc)
 
 
 # ---------------------------------------------------------------- bulk
@@ -614,18 +597,16 @@ def test_address_talks_to_the_control_socket_without_a_manager(daemon, short_tmp
     assert json.loads(vmctl("describe", "--json").stdout) == {"name": "direct", "running": False,
                                                               "status": "paused"}
     assert vmctl("resume").returncode == 0
-    proc = subprocess.Popen([sys.executable, VMCTL, "--address", address, "events"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        lines = Lines(proc)
+    events = subprocess.Popen([sys.executable, VMCTL, "--address", address, "events"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, VMBRIDGE_RUNTIME_DIR=nowhere))
+    with running(events) as (proc, lines):
         assert lines.next().endswith(" direct READY")
         out = vmctl("terminate")                             # MachineInstance.Terminate
         assert (out.returncode, out.stderr) == (0, "")
         assert lines.next().endswith(" direct SHUTDOWN {\"guest\":false,\"reason\":\"host-qmp-quit\"}")
         assert EXITED_LINE.match(lines.next())
         assert proc.wait(30) == 0
-    finally:
-        stop(proc)
     out = vmctl("describe")
     assert out.returncode == 1
     assert out.stderr == f"vmctl: direct: no control socket at {address} (is the VM running?)\n"
