@@ -364,6 +364,9 @@ def test_manager_that_does_not_answer_times_out(short_tmp):
     try:
         out = run_vmctl("--timeout", "0.5", "list", runtime_dir=short_tmp)
         assert (out.returncode, out.stderr) == (1, "vmctl: timed out after 0.5s waiting for vmbridged\n")
+        out = run_vmctl("start", "late", "--machine", "none", "--timeout=0.5s", runtime_dir=short_tmp)
+        assert (out.returncode, out.stderr) == (1, "vmctl: late: timed out after 0.5s waiting for vmbridged "
+                                                   "(it may still come up: see vmctl list)\n")
     finally:
         server.close()
 

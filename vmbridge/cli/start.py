@@ -104,8 +104,8 @@ def run(args, ctx):
             e.message += " (to create it, give VM options such as --memory and --linux)"
         elif e.error == MANAGER + ".MachineExists":
             e.message += " (start it without VM options, or remove it first)"
-        elif e.error == MANAGER + ".MachineActive":
-            e.message = "cannot redefine it: " + e.message
+        elif e.message.startswith("timed out"):
+            e.message += " (it may still come up: see vmctl list)"
         if e.name is None and not e.named:
             e.name = args.name
         raise
