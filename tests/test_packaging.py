@@ -29,7 +29,7 @@ SPEC = os.path.join(ROOT, "contrib", "rpm", "vmbridge.spec")
 MAN_PAGES = {"vmctl.1": "man1", "vmbridge.conf.5": "man5", "vmbridged.8": "man8"}
 MANAGER = "io.vmbridge.Manager"
 VERBS = ["list", "start", "describe", "pause", "resume", "poweroff", "reboot", "terminate", "remove", "events",
-         "console"]
+         "console", "storage"]
 
 
 def version() -> str:
@@ -439,6 +439,20 @@ def test_completion_machine_names_from_vmctl_list(complete):
     assert listed == "" and by_address == ""
     calls = complete.calls.read_text().splitlines()
     assert calls and all(c.endswith("list --no-legend") for c in calls)
+
+
+def test_completion_storage_and_verb_options(complete, tmp_path):
+    (tmp_path / "disk.img").touch()
+    actions, names, binding, files, remove_file, by_address, by_address_file, start_flags, remove_flags = complete(
+        "vmctl storage ", "vmctl storage add ", "vmctl storage add web ", "vmctl storage add web data di",
+        "vmctl storage remove web data ", "vmctl --address=/x/control storage add ",
+        "vmctl --address=/x/control storage add data di", "vmctl start web --p", "vmctl remove --f")
+    assert actions.split() == ["add", "remove", "replace"]
+    assert names.split() == ["web", "build-2"]
+    assert binding == "" and remove_file == "" and by_address == ""
+    assert files.split() == by_address_file.split() == ["disk.img"]
+    assert "--persistent" in start_flags.split() and "--pcie-ports=" in start_flags.split()
+    assert remove_flags.split() == ["--force"]
 
 
 def test_completion_runs_nothing_without_vmbridged(complete):
