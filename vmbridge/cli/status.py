@@ -86,8 +86,8 @@ def machine_lines(machine):
     title = "%s %s - %s" % (dot, machine.get("name"), state)
     qemu = None
     if machine.get("pid") is not None:
-        qemu = _join("pid %d" % machine["pid"], machine.get("qemuVersion"), config.get("machine"),
-                     config.get("accel"))
+        qemu = _join("pid %d" % machine["pid"], machine.get("qemuVersion"),
+                     config.get("machine", "q35"), config.get("accel"))  # q35: the IDL's default
     fields = [
         ("State", state + (" (QEMU: %s)" % machine["status"] if machine.get("status") else "")),
         ("Since", format_timestamp(machine.get("sinceUSec"))),
