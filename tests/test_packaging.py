@@ -443,7 +443,8 @@ def test_completion_runs_nothing_without_vmbridged(complete):
 
 def test_completion_and_man_page_match_the_cli():
     """Once vmctl exists: its verbs and options are the ones documented and completed."""
-    if importlib.util.find_spec("vmbridge.cli") is None:
+    if importlib.util.find_spec("vmbridge.cli") is None or \
+            not hasattr(importlib.import_module("vmbridge.cli"), "main"):  # verb modules without vmctl
         pytest.skip("vmctl (vmbridge.cli) is not in this tree yet")
     vmctl = [sys.executable, os.path.join(ROOT, "bin", "vmctl")]
     with open(COMPLETION, encoding="utf-8") as f:
