@@ -7,6 +7,7 @@ anything takes (waits are for a condition, with a generous deadline).
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ import psutil
 import pytest
 
 from conftest import VMBRIDGED
+from stats_cli import MiniContext, run_verb
 from vmbridge.machine.stats import SUMMARY_KEYS
 
 INTERVAL = "0.3"
@@ -128,6 +130,12 @@ def test_sampling_off(daemon_factory):
     assert "figures" not in stats(daemon, "a")
     d = stats(daemon)
     assert d["statsIntervalUSec"] == 0 and "cpuPercent" not in d and "statsRoundUSec" not in d
+    # vmctl top says so, and shows the states.
+    out = io.StringIO()
+    assert run_verb("top", [], MiniContext(daemon.manager_socket, stdout=out)) == 0
+    lines = out.getvalue().splitlines()
+    assert "samples no figures (--stats-interval 0)" in lines[1]
+    assert lines[3].split()[:4] == ["a", "running", str(listed(daemon)["a"]["pid"]), "-"]
 
 
 def test_stats_interval_option():
