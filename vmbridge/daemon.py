@@ -78,6 +78,16 @@ def byte_size(value: str) -> int:
     return size
 
 
+def stats_interval(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, such as 2 or 0.5, not {value!r}") from None
+    if seconds != 0 and not 0.1 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError("must be 0 (off) or from 0.1 to 3600 seconds")
+    return seconds
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="vmbridged", description="Runtime-control plane for QEMU VMs.")
     parser.add_argument("--runtime-dir", help="sockets and VM state (default: $RUNTIME_DIRECTORY, "
@@ -90,6 +100,9 @@ def parse_args(argv):
     parser.add_argument("--console-log-size", type=byte_size, metavar="SIZE",
                         help="rotate each VM's console.log to console.log.1 past SIZE bytes "
                         "(K, M, G suffixes; default 4M)")
+    parser.add_argument("--stats-interval", type=stats_interval, default=2.0, metavar="SECONDS",
+                        help="sample each VM's resource figures (CPU, memory, I/O) every SECONDS "
+                        "(default 2; 0 turns sampling off)")
     parser.add_argument("--keep-vms", action="store_true",
                         help="on SIGTERM, leave the VMs running for the next vmbridged to adopt "
                         "(the default when systemd is restarting the service)")
@@ -125,11 +138,13 @@ class Daemon:
         self.stopping = gevent.event.Event()
         self.manager = Manager(self.runtime_dir, args.config_dir or default_config_dir(),
                                command_timeout=args.qmp_timeout, on_change=self.report_status,
-                               console_log_size=args.console_log_size)
+                               console_log_size=args.console_log_size,
+                               stats_interval=args.stats_interval)
         listen = manager_listen_socket()
         self.server = Server(build_manager_service(self.manager), listen_socket=listen,
                              path=None if listen else os.path.join(self.runtime_dir, MANAGER_SOCKET),
                              mode=0o600)
+        self.manager.server = self.server
 
     def report_status(self) -> None:
         if self.stopping.is_set():

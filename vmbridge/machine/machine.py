@@ -156,6 +156,14 @@ class Machine:
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None and not self.process.exited else None
 
+    def helper_pids(self) -> list[int]:
+        """The pids of this VM's helper processes (e.g. virtiofsd), for its resource figures.
+
+        Their CPU, memory and I/O count towards the VM's (see vmbridge/machine/stats.py).
+        None yet: the device plane adds its helpers here.
+        """
+        return []
+
     def describe(self) -> dict:
         """io.systemd.MachineInstance.Describe's answer, from memory."""
         return {"running": self.qemu_running, "status": self.qemu_status}
