@@ -4,7 +4,8 @@ Sockets (all 0600, in a 0700 runtime directory):
     RUNTIME_DIR/io.vmbridge.Manager           the manager (vmctl's entry point)
     RUNTIME_DIR/machines/NAME/control         each VM's io.systemd.MachineInstance
 
-Signals: SIGTERM/SIGINT stop every VM cleanly and remove every socket.
+Signals: SIGTERM/SIGINT stop every VM cleanly and remove every socket;
+SIGUSR1 logs one line of statistics (VMs, connections, greenlets, fds, RSS).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
+import gc  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
@@ -23,6 +25,8 @@ import sys  # noqa: E402
 
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
+import greenlet  # noqa: E402  (gevent's own dependency)
+import psutil  # noqa: E402
 
 from vmbridge import __version__  # noqa: E402
 from vmbridge import systemd  # noqa: E402
@@ -63,6 +67,13 @@ def setup_logging(verbose: bool) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="vmbridged", description="Runtime-control plane for QEMU VMs.")
     parser.add_argument("--runtime-dir", help="sockets and VM state (default: $RUNTIME_DIRECTORY, "
@@ -72,6 +83,9 @@ def parse_args(argv):
     parser.add_argument("--verbose", "-v", action="store_true", help="log QMP and varlink traffic")
     parser.add_argument("--qmp-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="how long a VM's QEMU may take to answer a command (default 30)")
+    parser.add_argument("--max-connections-per-uid", type=positive_int, default=None, metavar="N",
+                        help="connections one user may hold open on each socket; past it a new one is "
+                        "refused with EUSERS (default: 1024, less when RLIMIT_NOFILE is low)")
     parser.add_argument("--demo", metavar="GUEST_DIR",
                         help="also start a VM named 'demo' from GUEST_DIR/vmlinuz and GUEST_DIR/initramfs.img")
     parser.add_argument("--version", action="version", version=f"vmbridged {__version__}")
@@ -103,11 +117,12 @@ class Daemon:
         self.notifier = systemd.Notifier()
         self.stopping = gevent.event.Event()
         self.manager = Manager(self.runtime_dir, args.config_dir or default_config_dir(),
-                               command_timeout=args.qmp_timeout, on_change=self.report_status)
+                               command_timeout=args.qmp_timeout, on_change=self.report_status,
+                               max_connections_per_uid=args.max_connections_per_uid)
         listen = manager_listen_socket()
         self.server = Server(build_manager_service(self.manager), listen_socket=listen,
                              path=None if listen else os.path.join(self.runtime_dir, MANAGER_SOCKET),
-                             mode=0o600)
+                             mode=0o600, max_connections_per_uid=args.max_connections_per_uid)
 
     def report_status(self) -> None:
         if self.stopping.is_set():
@@ -118,6 +133,7 @@ class Daemon:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(sig, self._on_signal, sig)
+        gevent.signal_handler(signal.SIGUSR1, self.log_stats)
         self.server.start()
         self.manager.load()
         log.info("vmbridged %s serving %s", __version__, self.server.address)
@@ -140,6 +156,16 @@ class Daemon:
     def _on_signal(self, sig) -> None:
         log.info("%s received; stopping every VM", signal.Signals(sig).name)
         self.stopping.set()
+
+    def log_stats(self) -> None:
+        """One line for soak tests and debugging (SIGUSR1). Walks the heap: on demand only."""
+        greenlets = sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet) and not o.dead)
+        entries = list(self.manager.entries.values())
+        connections = self.server.connections + sum(e.server.connections for e in entries if e.server)
+        proc = psutil.Process()
+        log.info("stats: vms=%d active=%d connections=%d greenlets=%d fds=%d rss_kib=%d",
+                 len(entries), sum(1 for e in entries if e.machine.state.active), connections,
+                 greenlets, proc.num_fds(), proc.memory_info().rss // 1024)
 
     def _watchdog(self, interval: float) -> None:
         while True:

@@ -40,12 +40,13 @@ class Entry:
 
 class Manager:
     def __init__(self, runtime_dir: str, config_dir: str | None, *, command_timeout: float = 30.0,
-                 allowed_uids=None, on_change=None):
+                 allowed_uids=None, on_change=None, max_connections_per_uid=None):
         self.runtime_dir = runtime_dir
         self.machines_dir = os.path.join(runtime_dir, "machines")
         self.definitions = Definitions(config_dir) if config_dir else None
         self.command_timeout = command_timeout
         self.allowed_uids = allowed_uids
+        self.max_connections_per_uid = max_connections_per_uid  # None: the varlink server's default
         self.entries: dict[str, Entry] = {}
         self.lifecycle = EventHub()
         self._on_change = on_change  # the daemon's status line
@@ -215,7 +216,8 @@ class Manager:
     def _open_control(self, entry: Entry) -> None:
         path = os.path.join(entry.machine.directory, "control")
         server = Server(build_service(entry.machine), path=path, mode=0o600,
-                        allowed_uids=self.allowed_uids)
+                        allowed_uids=self.allowed_uids,
+                        max_connections_per_uid=self.max_connections_per_uid)
         server.start()
         entry.server = server
 
