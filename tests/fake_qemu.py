@@ -24,6 +24,8 @@ Modes after a proper start-up (the VM runs; its first `stop` triggers it):
     late-garbage     answers `stop` with a line that is not JSON
     late-huge        answers `stop` with 100 MB without a newline
     late-eof         closes the monitor on `stop`
+    late-deep        answers `stop` after events whose data nest ever deeper
+                     (900 to 1000 levels: around Python's recursion limit)
 Any other name behaves (a tiny well-behaved QMP server).
 """
 
@@ -130,6 +132,12 @@ def main():
         command, msg_id = request.get("execute"), request.get("id")
         if mode == "unknown-ids":
             monitor.send({"return": {}, "id": 100000 + (msg_id if isinstance(msg_id, int) else 0)})
+            continue
+        if command == "stop" and mode == "late-deep":
+            for depth in range(900, 1001):
+                monitor.send_raw(b'{"event":"DEEP","data":{"d":%s},"timestamp":{"seconds":0,"microseconds":0}}\r\n'
+                                 % (b"[" * depth + b"]" * depth))
+            monitor.send({"return": {}, "id": msg_id})
             continue
         if command == "stop" and mode.startswith("late-"):
             if mode == "late-garbage":

@@ -95,16 +95,18 @@ def reset_hwm(pid: int) -> None:
 
 
 class DescribeLoop:
-    """A well-behaved client in a thread: Describe on one connection, again and again.
+    """A well-behaved client in a thread: Describe (or `message`) on one connection, again and again.
 
     Every reply must be exactly `expected`; a reconnect every `per_connection`
     calls also proves new connections are accepted all along. `stop()` returns
     the figures; `failures` lists anything wrong (bad reply, error, timeout).
     """
 
-    def __init__(self, path: str, expected: dict, *, per_connection: int = 50, timeout: float = 30.0):
+    def __init__(self, path: str, expected: dict, *, message: bytes = DESCRIBE, per_connection: int = 50,
+                 timeout: float = 30.0):
         self.path = path
         self.expected = expected
+        self.message = message
         self.per_connection = per_connection
         self.timeout = timeout
         self.calls = 0
@@ -133,7 +135,7 @@ class DescribeLoop:
                         if self._stop.is_set():
                             return
                         start = time.monotonic()
-                        sock.sendall(DESCRIBE)
+                        sock.sendall(self.message)
                         reply = json.loads(read_message(sock, buf))
                         self.max_latency = max(self.max_latency, time.monotonic() - start)
                         self.calls += 1

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import statistics
+import sys
 import threading
 import time
 
@@ -256,6 +257,8 @@ def test_misbehaving_qmp_while_running(daemon_factory, fake_qemu, mode):
     assert fake["state"] == "running" and fake["qemuVersion"] == "7.2.22"
     ctl = daemon.control_socket("fake")
     stream = Stream(ctl, timeout=30)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit + 2000)  # pytest's stack is deeper than the daemon's: room to parse them here
     try:
         assert stream.next_event() == {"event": "READY"}
         with DescribeLoop(real_ctl, RUNNING) as watcher:
@@ -282,3 +285,45 @@ def test_misbehaving_qmp_while_running(daemon_factory, fake_qemu, mode):
     assert "Traceback" not in daemon.log()
     record(f"qmp_fault_{mode}", {"exit_error": final["data"]["error"][:200], "rss_delta_mib": round(rss_delta, 1),
                                  "peak_rss_delta_mib": round(hwm_delta, 1), **describes})
+
+
+def test_qmp_events_nested_too_deep(daemon_factory, fake_qemu):
+    """QMP events nesting ~1000 deep (past what can be re-encoded): no traceback, subscribers see valid varlink."""
+    daemon = daemon_factory(extra_args=["--qmp-timeout", "2"])
+    daemon.create("real")
+    real_ctl = daemon.control_socket("real")
+    daemon.create("fake", qemu=fake_qemu("late-deep"))
+    ctl = daemon.control_socket("fake")
+    stream = Stream(ctl, timeout=30)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit + 2000)  # pytest's stack is deeper than the daemon's: room to parse them here
+    try:
+        assert stream.next_event() == {"event": "READY"}
+        with DescribeLoop(real_ctl, RUNNING) as watcher:
+            reply = call(ctl, f"{MI}.Pause")
+            messages = []
+            while True:  # every message valid varlink, until the VM is gone and the socket closes
+                try:
+                    messages.append(stream.next())
+                except EOFError:
+                    break
+            watcher.stop()
+        assert not watcher.failures, watcher.failures
+    finally:
+        sys.setrecursionlimit(limit)
+        stream.close()
+    # The events that still decode reach the subscriber; the first one too deep to
+    # encode for it ends its stream with EIO (an error is a call's last reply);
+    # deeper ones break QMP itself, and the VM is ended as for any broken QMP.
+    assert reply == {"error": f"{MI}.NotConnected"}, reply
+    deep = [m for m in messages if m.get("parameters", {}).get("event") == "DEEP"]
+    assert deep and all(m["continues"] is True for m in deep)
+    last = messages[-1]
+    assert last == {"error": "io.systemd.System", "parameters": {"origin": "linux", "errno": 5, "errnoName": "EIO"}} \
+        or last["parameters"]["event"] == "EXITED", last
+    assert wait_gone(ctl)
+    assert not fake_processes(daemon, "late-deep")
+    assert call(real_ctl, f"{MI}.Describe") == RUNNING
+    with open(daemon.log_path, "rb") as f:
+        assert b"Traceback" not in f.read()
+    record("qmp_fault_late-deep", {"deep_events_delivered": len(deep), "stream_ended_with": last})
