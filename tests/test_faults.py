@@ -7,10 +7,8 @@ Latencies are recorded (bench/results/reliability.json), never asserted.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import statistics
 import sys
 import threading
@@ -123,8 +121,7 @@ def test_sigstopped_qemu(daemon_factory):
     other_ctl, stuck_ctl = daemon.control_socket("other"), daemon.control_socket("stuck")
     os.kill(stuck["pid"], signal.SIGSTOP)
     try:
-        psutil.Process(stuck["pid"])  # wait until the stop has landed
-        for _ in range(500):
+        for _ in range(500):  # until the stop has landed
             if psutil.Process(stuck["pid"]).status() == psutil.STATUS_STOPPED:
                 break
             time.sleep(0.01)
@@ -235,7 +232,8 @@ def test_misbehaving_qmp_at_start(daemon_factory, fake_qemu, mode):
     fds = fds_back_to(daemon_proc, fds_before)
     assert fds <= fds_before, f"fds {fds_before} -> {fds}: {open_fds(daemon_proc.pid)}"
     assert "Traceback" not in daemon.log()
-    record(f"qmp_fault_{mode}", {"create_to_setupfailed_s": round(seconds, 3), "message": reply["parameters"]["message"],
+    record(f"qmp_fault_{mode}", {"create_to_setupfailed_s": round(seconds, 3),
+                                 "message": reply["parameters"]["message"],
                                  "rss_delta_mib": round(rss_delta, 1), "peak_rss_delta_mib": round(hwm_delta, 1),
                                  **describes})
 

@@ -390,7 +390,8 @@ def case_unknown_method(rng, sock):
     interfaces = SOCKET_INTERFACES[sock]
     pick = rng.random()
     if pick < 0.4:
-        name = f"{rng.choice(interfaces)}.{rng.choice(['Nope', 'describe', 'DESCRIBE', 'Describe ', '', 'Get', 'List2'])}"
+        interface = rng.choice(interfaces)
+        name = f"{interface}.{rng.choice(['Nope', 'describe', 'DESCRIBE', 'Describe ', '', 'Get', 'List2'])}"
     elif pick < 0.6:
         other = "manager" if sock == "control" else "control"
         name = rng.choice([m.name for m in SOCKET_METHODS[other]
@@ -756,7 +757,8 @@ def test_fuzz_varlink_sockets(daemon):
     assert fds <= fds_before, f"fds {fds_before} -> {fds}: {open_fds(daemon_proc.pid)}"
     rss_after = rss_mib(daemon_proc)
     peak = hwm_mib(daemon_proc.pid)
-    assert rss_after - rss_plateau < 8, f"RSS grew {rss_plateau:.1f} -> {rss_after:.1f} MiB over {PLATEAU_CASES} more cases"
+    assert rss_after - rss_plateau < 8, \
+        f"RSS grew {rss_plateau:.1f} -> {rss_after:.1f} MiB over {PLATEAU_CASES} more cases"
     assert rss_after - rss_before < 192, f"RSS {rss_before:.1f} -> {rss_after:.1f} MiB"
     tracebacks = []
     with open(daemon.log_path, "rb") as f:

@@ -20,8 +20,8 @@ import time
 import psutil
 import pytest
 
-from conftest import raw_call, read_message
-from reliability import (DescribeLoop, fds_back_to, open_fds, record, rss_mib, settled_fds)
+from conftest import read_message
+from reliability import fds_back_to, open_fds, record, rss_mib, settled_fds
 from test_control import Stream, call
 
 MI = "io.systemd.MachineInstance"
@@ -272,10 +272,11 @@ def test_other_uid_is_refused_everywhere(daemon, short_tmp):
         os.chmod(directory, 0o755)
         directory = os.path.dirname(directory)
     mgr = "io.vmbridge.Manager"
+    evil = {"name": "evil", "machine": "none"}
     calls = [
         (daemon.manager_socket, {"method": f"{mgr}.List", "parameters": {}}),
-        (daemon.manager_socket, {"method": f"{mgr}.Create", "parameters": {"config": {"name": "evil", "machine": "none"}}}),
-        (daemon.manager_socket, {"method": f"{mgr}.Define", "parameters": {"config": {"name": "evil", "machine": "none"}}}),
+        (daemon.manager_socket, {"method": f"{mgr}.Create", "parameters": {"config": evil}}),
+        (daemon.manager_socket, {"method": f"{mgr}.Define", "parameters": {"config": evil}}),
         (daemon.manager_socket, {"method": f"{mgr}.Terminate", "parameters": {"name": "mine"}}),
         (daemon.manager_socket, {"method": f"{mgr}.Remove", "parameters": {"name": "mine", "force": True}}),
         (daemon.manager_socket, {"method": f"{mgr}.SubscribeEvents", "parameters": {}, "more": True}),
