@@ -51,13 +51,14 @@ class Entry:
 class Manager:
     def __init__(self, runtime_dir: str, config_dir: str | None, *, command_timeout: float = 30.0,
                  allowed_uids=None, on_change=None, console_log_size: int | None = None,
-                 stats_interval: float = 2.0):
+                 stats_interval: float = 2.0, max_connections_per_uid=None):
         self.runtime_dir = runtime_dir
         self.machines_dir = os.path.join(runtime_dir, "machines")
         self.definitions = Definitions(config_dir) if config_dir else None
         self.command_timeout = command_timeout
         self.console_log_size = console_log_size
         self.allowed_uids = allowed_uids
+        self.max_connections_per_uid = max_connections_per_uid  # None: the varlink server's default
         self.entries: dict[str, Entry] = {}
         self.lifecycle = EventHub()
         self._on_change = on_change  # the daemon's status line
@@ -289,7 +290,8 @@ class Manager:
         path = os.path.join(entry.machine.directory, "control")
         # fd passing: AddStorage/ReplaceStorage receive the image's fd with the call.
         server = Server(build_service(entry.machine), path=path, mode=0o600,
-                        allowed_uids=self.allowed_uids, allow_fd_passing=True)
+                        allowed_uids=self.allowed_uids, allow_fd_passing=True,
+                        max_connections_per_uid=self.max_connections_per_uid)
         server.start()
         entry.server = server
 

@@ -307,7 +307,14 @@ class Machine:
         self.qmp.on_disconnect(self._on_qmp_disconnect)
         if self.console is not None:
             self.console.start()
-        self.qmp.handshake()
+        # Bounded like any command: a QEMU that never greets (or never
+        # answers qmp_capabilities) must not hold Create for the whole
+        # start-up timeout.
+        try:
+            self.qmp.handshake(timeout=self.command_timeout)
+        except QMPTimeoutError as e:
+            raise SetupError(f"QEMU did not complete the QMP handshake within {self.command_timeout:g}s "
+                             f"(QMP state: {self.qmp.state.value})") from e
         self._write_state_file()
 
     def _bind_reattach_socket(self) -> socket.socket:
