@@ -254,22 +254,36 @@ class QMPSessions:
     def _forget(self, session: "Session") -> None:
         self._sessions.discard(session)
 
+    # The QMP pump completes a reply by setting the caller's AsyncResult,
+    # whose waiter then runs from a loop callback. Handing events (and the
+    # end) to the sessions through loop callbacks as well keeps QEMU's order:
+    # an event QEMU sent after a reply reaches the session after that reply
+    # (e.g. quit's {"return": {}}, then SHUTDOWN), one sent before, before.
+
     def _on_event(self, event) -> None:
         # In the QMP pump: must not block.
-        if not self._sessions:
-            return
-        data = encode(event.raw)
+        if self._sessions:
+            gevent.get_hub().loop.run_callback(self._fan_out, encode(event.raw))
+
+    def _fan_out(self, data: bytes) -> None:
         for session in tuple(self._sessions):
-            session.offer_event(data)
+            try:
+                session.offer_event(data)
+            except Exception:
+                log.exception("%s: %s: event delivery failed", self.name, session)
 
     def _on_disconnect(self, reason) -> None:
-        self.closed = True
+        self.closed = True  # no new sessions from now on
+        gevent.get_hub().loop.run_callback(self._finish_all)
+
+    def _finish_all(self) -> None:
         for session in tuple(self._sessions):
             session.finish("the QMP connection to QEMU is closed")
 
     def close(self) -> None:
         """End every session (as if QEMU had gone away)."""
-        self._on_disconnect(None)
+        self.closed = True
+        self._finish_all()
 
 
 class SessionState(enum.Enum):
