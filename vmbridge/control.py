@@ -8,6 +8,11 @@ One deliberate addition: every SubscribeEvents stream ends with an
 ``EXITED`` event (``data``: ``reason``, and ``exitStatus`` or ``signal``)
 right before the connection closes, so a subscriber learns why the VM went
 away - also when QEMU was killed and could not say SHUTDOWN itself.
+
+One deliberate difference: io.systemd.QemuMachineInstance.AcquireQMP (not in
+systemd 262; one client at a time in systemd's development branch) gives
+every caller a QMP session of its own, shared with vmbridged's own use of
+QMP (vmbridge/machine/qmp_sessions.py, docs/acquireqmp.md).
 """
 
 from __future__ import annotations
