@@ -278,3 +278,17 @@ def test_greeting_is_qemus_without_capabilities(hub):
 ])
 def test_refusal_rule(command, arguments, refused):
     assert (refusal(command, arguments, {"ours", "fdset/3"}) is not None) == refused
+
+
+def test_oob_is_not_offered(hub):
+    peer = hub.connect(negotiate=False)
+    assert peer.read()["QMP"]["capabilities"] == []
+    peer.send({"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}, "id": 1})
+    assert peer.read() == {"id": 1, "error": {"class": "GenericError", "desc": "Capability oob not available"}}
+    peer.send({"execute": "query-status"})          # still negotiating
+    assert peer.read()["error"]["class"] == "CommandNotFound"
+    peer.send({"execute": "qmp_capabilities", "arguments": {"enable": []}})
+    assert peer.read() == {"return": {}}
+    peer.send({"exec-oob": "query-status", "id": 2})
+    assert peer.read() == {"id": 2, "error": {"class": "GenericError",
+                                              "desc": "QMP input member 'exec-oob' is unexpected"}}

@@ -257,8 +257,9 @@ class QMPSessions:
     # The QMP pump completes a reply by setting the caller's AsyncResult,
     # whose waiter then runs from a loop callback. Handing events (and the
     # end) to the sessions through loop callbacks as well keeps QEMU's order:
-    # an event QEMU sent after a reply reaches the session after that reply
-    # (e.g. quit's {"return": {}}, then SHUTDOWN), one sent before, before.
+    # an event QEMU sent after a reply reaches the session after that reply,
+    # one sent before it (STOP before stop's reply), before; and the last
+    # events before QEMU hung up are still delivered before the sessions end.
 
     def _on_event(self, event) -> None:
         # In the QMP pump: must not block.
