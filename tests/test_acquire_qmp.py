@@ -343,8 +343,10 @@ def test_sessions_interleave_with_each_other_and_the_daemon(vm):
                     expected = {"id": message["id"], **expected}
                 assert reply == expected
                 assert list(reply) == list(expected)     # QEMU's key order: id first in errors
-    # Both sessions saw every STOP/RESUME of the varlink callers.
+    # Both sessions saw every STOP/RESUME of the varlink callers (they were
+    # queued before Resume's varlink reply went out, so before this reply).
     for session in (a, b):
+        assert session.cmd("query-version", id="sync")["id"] == "sync"
         names = [e["event"] for e in session.events]
         assert names.count("STOP") == 30 and names.count("RESUME") == 30, names
     a.close()
@@ -476,6 +478,18 @@ def test_client_leaving_with_commands_pending(vm, daemon):
     assert describe(vm)["status"] in ("running", "paused")
     assert "QMP reply with unknown id" not in full_log(daemon)
     after.close()
+
+
+def test_client_done_sending_gets_every_reply(vm):
+    """As from QEMU: commands sent before a half-close are all answered."""
+    session = QMP.acquire(vm)
+    session.send(b'{"execute": "qmp_capabilities"}\n' + b"".join(
+        b'{"execute": "query-version", "id": %d}\n' % i for i in range(20)))
+    session.sock.shutdown(socket.SHUT_WR)
+    session.read()                                   # greeting
+    assert session.reply() == {"return": {}}
+    assert [session.reply()["id"] for _ in range(20)] == list(range(20))
+    assert session.closed()
 
 
 def test_many_sessions_and_the_limit(vm):

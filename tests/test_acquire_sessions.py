@@ -233,6 +233,32 @@ def test_client_leaving_mid_command(hub, caplog):
     assert "unknown id" not in caplog.text
 
 
+def test_client_done_sending_gets_every_reply(hub):
+    a = hub.connect()
+    a.send(b'{"execute": "one", "id": 1}\n{"execute": "two", "id": 2}\n')
+    a.sock.shutdown(socket.SHUT_WR)             # done sending, still reading
+    for name in ("one", "two"):
+        hub.server.reply(hub.server.expect(name), name)
+    assert a.read() == {"return": "one", "id": 1}
+    assert a.read() == {"return": "two", "id": 2}
+    assert a.eof()
+    gevent.sleep(0.01)
+    assert len(hub) == 0
+
+
+def test_client_done_sending_but_not_reading_is_closed(hub, monkeypatch):
+    import vmbridge.machine.qmp_sessions as qmp_sessions
+    monkeypatch.setattr(qmp_sessions, "FLUSH_TIMEOUT", 0.2)
+    a = hub.connect()
+    a.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    a.send({"execute": "big"})
+    a.sock.shutdown(socket.SHUT_WR)
+    hub.server.reply(hub.server.expect("big"), "x" * 1_000_000)
+    with gevent.Timeout(TIMEOUT):
+        while len(hub):
+            gevent.sleep(0.05)
+
+
 def test_session_limit(mock_qmp):
     client, server = mock_qmp
     establish(client, server)

@@ -23,8 +23,10 @@ A session, as its client sees it (``docs/acquireqmp.md`` has the details)::
 Session states::
 
     NEGOTIATING --qmp_capabilities--> COMMAND
-    NEGOTIATING/COMMAND --QMP connection lost--> ENDING --queue flushed--> CLOSED
-    any --client hangs up / garbage / overflow / never reads--> CLOSED
+    NEGOTIATING/COMMAND --QMP connection lost, or the client's
+                          input ended and all of it is answered--> ENDING
+    ENDING --output flushed (or FLUSH_TIMEOUT)--> CLOSED
+    any --client closes / garbage / overflow / never reads--> CLOSED
 
 Per session, three greenlets: the *reader* (the varlink connection's own
 greenlet, which called :meth:`QMPSessions.serve`) cuts the input into
@@ -50,11 +52,13 @@ Refusals: commands that would pull an object vmbridged created out from
 under it are answered ``{"error": {"class": "GenericError", "desc":
 "vmbridge: ..."}}`` and never reach QEMU; see :func:`refusal`.
 
-Ends: a client that hangs up loses its queued commands; the one QEMU is
-running completes and its reply is dropped (QEMU does the same for a monitor
-whose client left). When the QMP connection goes away (QEMU quit or died,
-or vmbridged lets go of it), every session writes out what it has, within
-``FLUSH_TIMEOUT``, and is closed.
+Ends: a client that closes the connection loses its queued commands; the
+one QEMU is running completes and its reply is dropped (QEMU does the same
+for a monitor whose client left). A client that only shuts down its sending
+side still gets the replies to everything it sent, as from QEMU (which reads
+a monitor one command at a time and so meets the EOF last). When the QMP
+connection goes away (QEMU quit or died, or vmbridged lets go of it), every
+session writes out what it has, within ``FLUSH_TIMEOUT``, and is closed.
 """
 
 from __future__ import annotations
@@ -66,10 +70,12 @@ import itertools
 import json
 import logging
 import os
+import select
 import socket
 
 import gevent
 import gevent.event
+import gevent.monkey
 import gevent.queue
 
 from vmbridge.machine.qmp_input import (InputOverflow, InputSplitter, RequestError,
@@ -334,7 +340,12 @@ class Session:
                 data, fds = self._recv()
                 if not data:
                     _close_fds(fds)
-                    self.abort("the client hung up")
+                    if self._peer_closed():
+                        self.abort("the client hung up")
+                    else:
+                        # Half-closed: answer what came, then close.
+                        self.close_reason = "the client's input ended"
+                        self._enqueue(("eof", None))
                     break
                 self._receive(data, fds)
         except InputOverflow as e:
@@ -356,6 +367,14 @@ class Session:
             _close_fds(fds)
             fds = []
         return data, fds
+
+    def _peer_closed(self) -> bool:
+        """After EOF: did the client close the socket (POLLHUP), rather than
+        shut down only its sending side? (Unpatched poll: gevent's reports
+        readiness, not hang-ups.)"""
+        poller = gevent.monkey.get_original("select", "poll")()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        return any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
 
     def _receive(self, data: bytes, fds: list) -> None:
         if fds:
@@ -394,6 +413,8 @@ class Session:
                 if self.state not in (SessionState.NEGOTIATING, SessionState.COMMAND):
                     _close_item(item)
                     break
+                if kind == "eof":
+                    break
                 if kind == "fds":
                     _close_fds(self._fds)  # like QEMU: new fds replace unused ones
                     self._fds = value
@@ -409,7 +430,8 @@ class Session:
         finally:
             _close_fds(self._fds)
             self._fds = []
-            if self.state is SessionState.ENDING:
+            if self.state is not SessionState.CLOSED:  # nothing more to answer
+                self.state = SessionState.ENDING
                 self._push_end()
 
     def _handle(self, message) -> None:
@@ -514,6 +536,9 @@ class Session:
     def _push_end(self) -> None:
         self._out.append(_END)
         self._out_ready.set()
+        if self._flush_timer is None:
+            self._flush_timer = gevent.spawn_later(
+                FLUSH_TIMEOUT, self.abort, "it did not take its last replies", level=logging.WARNING)
 
     def _write_loop(self) -> None:
         try:
@@ -537,7 +562,7 @@ class Session:
         except OSError as e:
             self.abort(f"write failed: {e}")
             return
-        self.abort(self.close_reason or "ended")
+        self.abort(self.close_reason or "ended")  # all written
 
     # ---------------------------------------------------------------- ends
 
@@ -553,15 +578,12 @@ class Session:
             _kill(self._executor)  # waiting for a request: its `finally` ends the output
             if self._executor is None or self._executor.dead:
                 self._push_end()
-        self._flush_timer = gevent.spawn_later(FLUSH_TIMEOUT, self.abort,
-                                               f"{reason}; the client did not take its last replies")
 
     def abort(self, reason: str, *, level: int = logging.INFO) -> None:
         """Close now: drop queued requests and output. Idempotent, never blocks.
         ``level``: WARNING when the client misbehaved."""
         if self.state is SessionState.CLOSED:
             return
-        reason = self.close_reason if self.state is SessionState.ENDING else reason
         self.state = SessionState.CLOSED
         self.close_reason = reason
         self.hub._forget(self)
@@ -570,8 +592,7 @@ class Session:
         _kill(self._writer)
         if not self._executing:
             _kill(self._executor)
-        if self._flush_timer is not None:
-            self._flush_timer.kill(block=False)
+        _kill(self._flush_timer)
         while True:
             try:
                 _close_item(self._requests.get_nowait())
