@@ -12,12 +12,12 @@ gevent   the least code with vmbridge's architecture (DESIGN.md, concurrency
 client   ``QMPClient.execute``: the same, plus ids, states, logging checks,
          errors.  client/gevent is what our code costs.
 
-All three send the same bytes, ``{"execute":"query-status","id":N}``: QEMU
-7.2 itself answers a command *without* an ``id`` some 30 us sooner (measured
-here), and a client that matches replies needs ids, so an id-less raw loop
-would credit QEMU's shortcut to the floor.  It is still timed and shown
-(``raw_noid``) for reference.  The ways alternate in rounds so background
-load hits them alike.
+All three send the same bytes, ``{"execute":"query-status","id":N}``.  QEMU
+7.2 reads QMP input one byte per recvmsg and main-loop turn (strace shows
+it), so each byte of a command costs a few microseconds of QEMU's time: an
+id-less raw loop (``raw_noid``, shown for reference) is ~30 us faster only
+because its command is 10 bytes shorter, and a client that matches replies
+needs ids.  The ways alternate in rounds so background load hits them alike.
 
     python bench/qmp_roundtrip.py [--iterations 2000] [--qemu qemu-system-x86_64]
 

@@ -3,14 +3,15 @@
 Every QEMU here is ``-machine none -S``: no guest, no accelerator, a few MB,
 started in well under a second, so the suite stays light on a 2-core box.
 Each is killed by pid (SIGKILL, then waited for) on every path, fixture
-set-up failures included: no QEMU outlives its test.
+set-up failures included: no QEMU outlives its test.  As a last resort, each
+also gets a parent-death signal, for when pytest itself is killed.
 
 The monitor option is chosen by probing the binary, never assumed: a QEMU
 that lists ``monitor-qmp`` among its user-creatable objects (``-object
 help``) gets ``-object monitor-qmp,...``, otherwise the long-standing
 ``-mon chardev=...,mode=control``.
 
-Fixtures (import them into a test module to use them):
+Fixtures (a test module gets them with ``pytest_plugins = ["qemu_helpers"]``):
 ``no_leaks``   fails the test if it left an fd open or a child process behind
 ``qemu_qmp``   ``(proc, sock)``: QEMU with its monitor on the other end of a
                socketpair; ``sock`` is a stdlib socket the test may hand to a
@@ -20,6 +21,7 @@ Fixtures (import them into a test module to use them):
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import re
@@ -73,6 +75,22 @@ def qemu_argv(binary: str, chardev: str) -> list[str]:
     return argv
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the forked child: SIGKILL me when the test process dies, even by
+    SIGKILL, so a crashed or killed pytest leaves no QEMU behind.  (Tests
+    only: vmbridged deliberately lets its VMs outlive it.)"""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _popen(argv: list[str], **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                            preexec_fn=_die_with_parent, **kwargs)
+
+
 def kill_qemu(proc: subprocess.Popen) -> None:
     """SIGKILL ``proc`` by pid unless already reaped, then reap it."""
     if proc.returncode is None:
@@ -93,8 +111,8 @@ def spawn_qemu_socketpair(binary: str | None = None):
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     proc = None
     try:
-        proc = subprocess.Popen(qemu_argv(binary, f"fd={theirs.fileno()}"),
-                                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        proc = _popen(qemu_argv(binary, f"fd={theirs.fileno()}"),
+                      pass_fds=[theirs.fileno()])
         return proc, ours
     except BaseException:
         ours.close()
@@ -109,8 +127,7 @@ def spawn_qemu_unix(path: str, binary: str | None = None) -> subprocess.Popen:
     """Start QEMU listening for QMP on a unix socket at ``path``; return
     once the socket exists."""
     binary = binary or qemu_binary()
-    proc = subprocess.Popen(qemu_argv(binary, f"path={path},server=on,wait=off"),
-                            stdin=subprocess.DEVNULL)
+    proc = _popen(qemu_argv(binary, f"path={path},server=on,wait=off"))
     try:
         with gevent.Timeout(TIMEOUT):
             while not os.path.exists(path):

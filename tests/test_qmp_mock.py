@@ -1,7 +1,10 @@
 """QMPClient against a scripted peer: what a real QEMU cannot be made to do."""
 
+import array
+import fcntl
 import logging
 import os
+import termios
 
 import gevent
 import pytest
@@ -10,9 +13,12 @@ from vmbridge.qmp import (QMPCommandError, QMPDisconnectedError,
                           QMPListenerClosedError, QMPListenerOverflowError,
                           QMPProtocolError, QMPTimeoutError, State)
 
-from mock_qmp import GREETING, establish, make_pair, mock_qmp  # noqa: F401
-from qemu_helpers import TIMEOUT, no_leaks  # noqa: F401
+# Shared test modules: rewrite their asserts too (before importing them).
+pytest.register_assert_rewrite("qemu_helpers", "mock_qmp")
+from mock_qmp import GREETING, establish, make_pair
+from qemu_helpers import TIMEOUT
 
+pytest_plugins = ["qemu_helpers", "mock_qmp"]  # fixtures: no_leaks, mock_qmp
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
 
@@ -131,16 +137,28 @@ def test_out_of_order_replies(mock_qmp):
     assert [call.get(timeout=TIMEOUT) for call in calls] == list(range(5))
 
 
+def unread_bytes(fd: int) -> int:
+    """Bytes waiting in a socket's receive queue (SIOCINQ)."""
+    count = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, count)
+    return count[0]
+
+
 class CountingSocket:
-    """Wraps the client's socket to count its reads."""
+    """Wraps the client's socket to count its reads and writes."""
 
     def __init__(self, sock):
         self.sock = sock
         self.reads = 0
+        self.sends = 0
 
     def recv(self, size):
         self.reads += 1
         return self.sock.recv(size)
+
+    def send(self, data):
+        self.sends += 1
+        return self.sock.send(data)
 
     def __getattr__(self, name):
         return getattr(self.sock, name)
@@ -154,11 +172,14 @@ def test_reply_one_byte_per_write(mock_qmp):
     request = server.expect("query-name")
     data = b'{"return": {"name": "sl\\u00f6w"}, "id": %d}\r\n' % request["id"]
     reads_before = counting.reads
+    client_fd = client._transport.fileno()
     for i in range(len(data)):
         server.send_raw(data[i:i + 1])
-        gevent.sleep(0.0005)  # long enough for the pump to poll and read
+        with gevent.Timeout(TIMEOUT):
+            while unread_bytes(client_fd):  # until the pump took this byte
+                gevent.sleep(0.0005)
     assert call.get(timeout=TIMEOUT) == {"name": "slöw"}
-    assert counting.reads - reads_before > len(data) // 2  # really split up
+    assert counting.reads - reads_before >= len(data)  # one read per byte
 
 
 def test_five_megabyte_reply(mock_qmp):
@@ -212,10 +233,14 @@ def test_unmatchable_replies_are_ignored(mock_qmp, caplog):
 def test_fds_travel_with_the_command(mock_qmp):
     client, server = mock_qmp
     establish(client, server)
+    counting = client._transport.sock = CountingSocket(client._transport.sock)
     read_end, write_end = os.pipe()
     try:
-        call = spawn_execute(client, "getfd", {"fdname": "p" * 200_000}, fds=[read_end])
-        request = server.expect("getfd")  # 200 KB: many writes, fds on the first
+        # 2 MB cannot fit the socket buffer: sendmsg writes part of it (with
+        # the fds), plain sends the rest once the peer reads.
+        call = spawn_execute(client, "getfd", {"fdname": "p" * 2_000_000}, fds=[read_end])
+        request = server.expect("getfd")
+        assert counting.sends >= 1
         assert len(server.received_fds) == 1
         assert os.fstat(server.received_fds[0]).st_ino == os.fstat(read_end).st_ino
         server.reply(request)
@@ -293,6 +318,28 @@ def test_stalled_server_times_out_and_late_reply_is_dropped(mock_qmp, caplog):
         assert call.get(timeout=TIMEOUT) == "quick"
     assert not caplog.records  # dropped silently
     assert client.state is State.RUNNING
+
+
+def test_killed_caller_leaves_no_trace(mock_qmp, caplog):
+    client, server = mock_qmp
+    establish(client, server)
+    call = spawn_execute(client, "slow")
+    slow = server.expect("slow")
+    call.kill()
+    with caplog.at_level(logging.WARNING, logger="vmbridge.qmp"):
+        server.reply(slow, "late")
+        other = spawn_execute(client, "fast")
+        server.reply(server.expect("fast"), "quick")
+        assert other.get(timeout=TIMEOUT) == "quick"
+    assert not caplog.records and client.state is State.RUNNING
+
+
+def test_deeply_nested_json_is_a_protocol_error(mock_qmp):
+    client, server = mock_qmp
+    establish(client, server)
+    server.send_raw(b"[" * 100_000 + b"]" * 100_000 + b"\n")
+    wait_disconnected(client)
+    assert isinstance(client.disconnect_reason, QMPProtocolError)
 
 
 def test_oversized_line_is_a_protocol_error_with_bounded_memory():

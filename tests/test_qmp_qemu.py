@@ -10,10 +10,13 @@ import pytest
 from vmbridge.qmp import (QMPClient, QMPCommandError, QMPDisconnectedError,
                           State)
 from vmbridge.qmp import transport
+from vmbridge.qmp.schema import KNOWN_TYPES
 
-from qemu_helpers import (TIMEOUT, kill_qemu, no_leaks, qemu_client,  # noqa: F401
-                          qemu_qmp, spawn_qemu_unix)
+# Shared test modules: rewrite their asserts too (before importing them).
+pytest.register_assert_rewrite("qemu_helpers")
+from qemu_helpers import TIMEOUT, kill_qemu, spawn_qemu_unix
 
+pytest_plugins = ["qemu_helpers"]  # fixtures: no_leaks, qemu_qmp, qemu_client
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
 
@@ -71,6 +74,8 @@ def test_schema_arrives_in_many_reads_and_answers_probes(qemu_client, monkeypatc
     with pytest.raises(ValueError, match="type name"):
         probe("NoSuchQapiType", "x")                  # unanswerable: names are masked
     assert qemu_client.schema_lookup("BlockdevAioOptions")["meta-type"] == "enum"
+    unresolved = [name for name in KNOWN_TYPES if qemu_client.schema_lookup(name) is None]
+    assert not unresolved, "KNOWN_TYPES paths that do not resolve on this QEMU"
 
 
 def test_stop_cont_events_via_listener_and_callback(qemu_client):
@@ -181,6 +186,17 @@ def test_hundred_concurrent_callers_get_their_own_replies(qemu_client):
     assert [caller.value for caller in callers] == [True] * 100
 
 
+def wait_all_threads_stopped(pid: int) -> None:
+    """SIGSTOP stops each thread asynchronously; wait until all have."""
+    def states():
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/stat") as stat:
+                yield stat.read().rsplit(")", 1)[1].split()[0]
+    with gevent.Timeout(TIMEOUT):
+        while not all(state == "T" for state in states()):
+            gevent.sleep(0.001)
+
+
 def test_qemu_killed_while_commands_pending(qemu_qmp, qemu_client):
     proc, _sock = qemu_qmp
     reasons = []
@@ -188,6 +204,7 @@ def test_qemu_killed_while_commands_pending(qemu_qmp, qemu_client):
     with qemu_client.listen() as listener:
         # A stopped QEMU reads nothing, so every command stays pending.
         os.kill(proc.pid, signal.SIGSTOP)
+        wait_all_threads_stopped(proc.pid)
         callers = [gevent.spawn(qemu_client.execute, "query-status") for _ in range(20)]
         gevent.sleep(0.05)
         assert all(not caller.ready() for caller in callers)

@@ -4,7 +4,9 @@ Sockets (all 0600, in a 0700 runtime directory):
     RUNTIME_DIR/io.vmbridge.Manager           the manager (vmctl's entry point)
     RUNTIME_DIR/machines/NAME/control         each VM's io.systemd.MachineInstance
 
-Signals: SIGTERM/SIGINT stop every VM cleanly and remove every socket.
+Signals: SIGTERM/SIGINT stop every VM cleanly and remove every socket - except
+when systemd is restarting the service (or with --keep-vms): then the VMs are
+left running and the next vmbridged adopts them (RUNTIME_DIR/machines/NAME/qmp).
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ def parse_args(argv):
     parser.add_argument("--verbose", "-v", action="store_true", help="log QMP and varlink traffic")
     parser.add_argument("--qmp-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="how long a VM's QEMU may take to answer a command (default 30)")
+    parser.add_argument("--keep-vms", action="store_true",
+                        help="on SIGTERM, leave the VMs running for the next vmbridged to adopt "
+                        "(the default when systemd is restarting the service)")
     parser.add_argument("--demo", metavar="GUEST_DIR",
                         help="also start a VM named 'demo' from GUEST_DIR/vmlinuz and GUEST_DIR/initramfs.img")
     parser.add_argument("--version", action="version", version=f"vmbridged {__version__}")
@@ -118,8 +123,10 @@ class Daemon:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(sig, self._on_signal, sig)
-        self.server.start()
+        # Adopt first: a client must never see a half-rebuilt registry (systemd's
+        # socket, if any, queues connections meanwhile).
         self.manager.load()
+        self.server.start()
         log.info("vmbridged %s serving %s", __version__, self.server.address)
         self.notifier.notify("READY=1")
         self.report_status()
@@ -132,7 +139,11 @@ class Daemon:
         if watchdog is not None:
             watchdog.kill()
         self.server.stop()
-        self.manager.shutdown()
+        keep = self.args.keep_vms or systemd.restart_pending()
+        if keep:
+            log.info("leaving the VMs running for the next vmbridged (%s)",
+                     "--keep-vms" if self.args.keep_vms else "systemd is restarting the service")
+        self.manager.shutdown(keep_vms=keep)
         log.info("vmbridged stopped")
         self.notifier.close()
         return 0
@@ -153,7 +164,9 @@ class Daemon:
                       if os.path.exists(p) or p.endswith("vmlinuz"))
         try:
             config = MachineConfig.from_dict({
-                "name": "demo", "memory": "256M",
+                # TCG: the demo must boot the same everywhere, also where /dev/kvm
+                # exists but cannot run a guest (nested virtualisation).
+                "name": "demo", "memory": "256M", "accel": "tcg",
                 "linux": kernel,
                 "initrd": os.path.join(guest_dir, "initramfs.img"),
                 "append": "console=ttyS0 quiet panic=-1 cryptomgr.notests",

@@ -112,22 +112,27 @@ class Manager:
             names = sorted(os.listdir(self.machines_dir))
         except FileNotFoundError:
             return
-        for name in names:
-            directory = os.path.join(self.machines_dir, name)
-            if not os.path.exists(os.path.join(directory, "state.json")):
-                continue
-            try:
-                machine = Machine.adopt(directory, command_timeout=self.command_timeout,
-                                        on_change=self._machine_changed)
-            except Exception as e:
-                log.warning("%s: not adopted (%s); it exited while vmbridged was away", name, e)
-                shutil.rmtree(directory, ignore_errors=True)
+        leftovers = [n for n in names if os.path.exists(os.path.join(self.machines_dir, n, "state.json"))]
+        jobs = {name: gevent.spawn(self._try_adopt, name) for name in leftovers}
+        gevent.joinall(list(jobs.values()))
+        for name, job in jobs.items():
+            machine, error = job.value
+            if machine is None:
+                log.warning("%s: not adopted (%s); it exited while vmbridged was away", name, error)
+                shutil.rmtree(os.path.join(self.machines_dir, name), ignore_errors=True)
                 continue
             entry = Entry(machine, persistent=name in definitions)
             self.entries[name] = entry
             log.info("%s: adopted running QEMU (pid %s, %s)", name, machine.pid, machine.qemu_status)
             self._open_control(entry)
             self._publish("added", entry)
+
+    def _try_adopt(self, name: str):
+        try:
+            return Machine.adopt(os.path.join(self.machines_dir, name), command_timeout=self.command_timeout,
+                                 on_change=self._machine_changed), None
+        except Exception as e:  # whatever went wrong, that VM is not ours any more
+            return None, e
 
     def create(self, config: MachineConfig, persistent: bool = False) -> Entry:
         old = self.entries.get(config.name)
@@ -214,8 +219,9 @@ class Manager:
 
     def _open_control(self, entry: Entry) -> None:
         path = os.path.join(entry.machine.directory, "control")
+        # fd passing: AddStorage/ReplaceStorage receive the image's fd with the call.
         server = Server(build_service(entry.machine), path=path, mode=0o600,
-                        allowed_uids=self.allowed_uids)
+                        allowed_uids=self.allowed_uids, allow_fd_passing=True)
         server.start()
         entry.server = server
 

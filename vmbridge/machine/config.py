@@ -223,6 +223,8 @@ class MachineConfig:
             value = getattr(self, f.name)
             if f.name == "name" or value != f.default:
                 out[f.name] = list(value) if isinstance(value, tuple) else value
+        if "memory" in out:
+            out["memory"] = f"{self.memory}M"  # a size string, as the IDL and the CLI spell it
         return out
 
     def devices(self):

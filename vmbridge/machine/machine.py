@@ -118,11 +118,18 @@ class Machine:
         self.process: QemuProcess | None = None
         self.console: Console | None = None
         self._pending_stop_status: str | None = None
+        self._detached = False  # let go of for the next vmbridged: QMP loss is expected
         self._gone = gevent.event.Event()
         self._gone.set()  # nothing running yet
         self._settled = gevent.event.Event()  # set whenever the state is not `starting`
         self._settled.set()
         self._resources = contextlib.ExitStack()  # what lives exactly as long as QEMU
+        self.devices = self._new_devices()  # the device plane's bookkeeping (machine/setup.py)
+
+    def _new_devices(self):
+        from vmbridge.machine.setup import DeviceState
+
+        return DeviceState(self)
 
     # ------------------------------------------------------------------ state
 
@@ -232,6 +239,7 @@ class Machine:
         self.error = self.shutdown_reason = self.exit_info = None
         self.qemu_status, self.qemu_running = "unknown", False
         self.events = EventHub()
+        self.devices = self._new_devices()
         self._gone.clear()
         self._set_state(MachineState.STARTING)
         try:
@@ -250,7 +258,9 @@ class Machine:
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         binary = qemu_mod.QemuBinary.probe(config.qemu)
         self.qemu_version = ".".join(map(str, binary.version))
-        argv = [binary.path] + qemu_mod.machine_args(config, binary)
+        # Images, TAPs, vsock, virtiofsd: opened and checked before QEMU exists.
+        self.devices.prepare()
+        argv = [binary.path] + qemu_mod.machine_args(config, binary) + self.devices.command_line()
         pass_fds = []
         ours, qemus = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -323,6 +333,7 @@ class Machine:
         setup_devices(self)
         status = self.execute("query-status")
         self.qemu_status, self.qemu_running = status["status"], status["running"]
+        self._write_state_file()  # now with the devices, for a restarted vmbridged
 
     def _explain_failure(self, error: BaseException) -> str:
         """A set-up failure in words, with QEMU's own last complaint when it has one."""
@@ -367,6 +378,7 @@ class Machine:
         config = MachineConfig.from_dict(saved["config"])
         machine = cls(config, directory, command_timeout=command_timeout, on_change=on_change)
         machine.qemu_version = saved.get("qemuVersion")
+        machine.devices.restore(saved.get("devices"))
         machine.process = AdoptedProcess(saved["pid"], saved["startTime"])
         machine._gone.clear()
         machine.state = MachineState.STARTING
@@ -380,6 +392,7 @@ class Machine:
         except Exception:
             if machine.qmp is not None:
                 machine.qmp.close()
+            machine.process.close()
             raise
         machine.qemu_status, machine.qemu_running = status["status"], status["running"]
         machine.process.on_exit(machine._on_process_exit)
@@ -407,7 +420,8 @@ class Machine:
 
     def _write_state_file(self) -> None:
         state = {"config": self.config.to_dict(), "pid": self.process.pid,
-                 "startTime": self.process.start_time, "qemuVersion": self.qemu_version}
+                 "startTime": self.process.start_time, "qemuVersion": self.qemu_version,
+                 "devices": self.devices.describe()}
         path = os.path.join(self.directory, STATE_FILE)
         tmp = path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -442,11 +456,13 @@ class Machine:
             self.qemu_status, self.qemu_running = "running", True
         elif (name, data.get("action")) in _STOP_REASONS:
             self._pending_stop_status = _STOP_REASONS[(name, data.get("action"))]
+        elif name == "DEVICE_DELETED":
+            self.devices.on_event(event)
         if len(self.events):
             self.events.publish(MachineEvent(event.name, event.data, event.timestamp))
 
     def _on_qmp_disconnect(self, reason) -> None:
-        if self.process is None or self.process.exited:
+        if self.process is None or self.process.exited or self._detached:
             return
         # QMP gone but QEMU alive: a VM nobody can control. Give a dying QEMU
         # a moment to exit by itself, then end it.
@@ -485,7 +501,7 @@ class Machine:
     def _remove_runtime_files(self, everything: bool = False) -> None:
         names = ("qmp", STATE_FILE)
         if everything:
-            names += ("qemu.log", "console.log", "console.log.1")
+            names += ("qemu.log", "console.log", "console.log.1", "virtiofsd.log")
         for name in names:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.directory, name))
@@ -495,6 +511,7 @@ class Machine:
 
     def detach(self) -> None:
         """Let go of a running QEMU without stopping it (daemon exiting, VMs kept)."""
+        self._detached = True
         if self.qmp is not None:
             self.qmp.close()
         if isinstance(self.process, AdoptedProcess):

@@ -52,13 +52,12 @@ import socket
 
 import gevent
 import gevent.event
-import gevent.lock
 import gevent.socket
 
 from .errors import (QMPCommandError, QMPDisconnectedError, QMPError,
                      QMPProtocolError, QMPTimeoutError)
 from .events import Event, EventListener
-from .schema import SchemaIndex
+from .wrappers import CommandWrappers
 from .transport import EXCERPT_SIZE, SendProgress, Transport, UnexpectedEOF
 
 logger = logging.getLogger("vmbridge.qmp")
@@ -75,8 +74,9 @@ class State(enum.Enum):
     DISCONNECTED = "disconnected"
 
 
-# One encoder for all: json.dumps() with non-default options builds a new
-# JSONEncoder on every call.
+# Compact JSON, because QEMU (7.2 at least) reads QMP input one byte per
+# main-loop turn: every byte costs QEMU time.  One encoder for all, because
+# json.dumps() with non-default options builds a new JSONEncoder every call.
 _json_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
@@ -93,11 +93,14 @@ def _for_log(data: bytes | str) -> str:
     return data
 
 
-class QMPClient:
+class QMPClient(CommandWrappers):
     """A QMP connection to one QEMU, driven from gevent greenlets.
 
     ``sock`` is a connected stream socket (AF_UNIX to pass fds), stdlib or
-    gevent; the client takes ownership of it.  Constructing does no I/O.
+    gevent; the client takes ownership of it (a stdlib socket object is
+    detached and left closed).  Constructing does no I/O.  If it raises
+    (TypeError, ValueError for a bad ``max_message_size``), ``sock`` is
+    still the caller's.
     """
 
     def __init__(self, sock, *, name: str = "qmp",
@@ -118,8 +121,7 @@ class QMPClient:
         self._event_callbacks: list = []
         self._disconnect_callbacks: list = []
         self._listeners: list[EventListener] = []
-        self._schema: SchemaIndex | None = None
-        self._schema_lock = gevent.lock.Semaphore()
+        CommandWrappers.__init__(self)
 
     @classmethod
     def connect_unix(cls, path: str, *, name: str = "qmp",
@@ -133,14 +135,14 @@ class QMPClient:
         sock = gevent.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(timeout)
-            sock.connect(path)
-        except socket.timeout as exc:
-            sock.close()
-            raise QMPTimeoutError(f"connecting to {path} timed out") from exc
+            try:
+                sock.connect(path)
+            except socket.timeout as exc:
+                raise QMPTimeoutError(f"connecting to {path} timed out") from exc
+            return cls(sock, name=name, **kwargs)
         except BaseException:
-            sock.close()
+            sock.close()  # still ours: the client takes it only on success
             raise
-        return cls(sock, name=name, **kwargs)
 
     def __repr__(self) -> str:
         return f"<QMPClient {self.name} {self.state.value}>"
@@ -276,9 +278,6 @@ class QMPClient:
         except gevent.Timeout as exc:
             if exc is not timer:
                 raise
-            if msg_id is not None and self._pending.pop(msg_id, None) is not None:
-                if progress.bytes_sent:
-                    self._abandoned.add(msg_id)  # the pump drops its late reply
             if progress.partial:
                 raise QMPDisconnectedError(
                     f"{self.name}: timed out half-way through sending {request.get('execute')}",
@@ -292,8 +291,11 @@ class QMPClient:
         finally:
             if timer is not None:
                 timer.close()
-            if msg_id is not None:
-                self._pending.pop(msg_id, None)
+            # Still pending: we stopped waiting (timeout, or this greenlet
+            # was killed).  If QEMU got the command, drop its late reply.
+            if (msg_id is not None and self._pending.pop(msg_id, None) is not None
+                    and progress.bytes_sent):
+                self._abandoned.add(msg_id)
         reply.pop("id", None)
         return reply
 
@@ -380,7 +382,7 @@ class QMPClient:
                 logger.debug("%s: <<< %s", self.name, _for_log(line))
             try:
                 return json.loads(line)
-            except ValueError as exc:  # also UnicodeDecodeError
+            except (ValueError, RecursionError) as exc:  # also UnicodeDecodeError
                 if not line.strip():
                     continue  # a stray empty line carries no message
                 raise QMPProtocolError(f"malformed JSON ({exc})",
@@ -503,64 +505,3 @@ class QMPClient:
             callback(reason)
         except Exception:
             logger.exception("%s: disconnect callback %r failed", self.name, callback)
-
-    # -- capability probes (see schema.py for paths) ------------------------
-
-    def schema(self, *, timeout: float | None = None) -> list:
-        """QEMU's ``query-qmp-schema``, fetched once and cached."""
-        return self._schema_index(timeout).entries
-
-    def _schema_index(self, timeout: float | None = None) -> SchemaIndex:
-        if self._schema is None:
-            with self._schema_lock:  # concurrent first callers share one fetch
-                if self._schema is None:
-                    self._schema = SchemaIndex(
-                        self.execute("query-qmp-schema", timeout=timeout))
-        return self._schema
-
-    def has_command(self, name: str) -> bool:
-        return self._schema_index().has(name, "command")
-
-    def has_event(self, name: str) -> bool:
-        return self._schema_index().has(name, "event")
-
-    def schema_has_member(self, type_or_command: str, member: str) -> bool:
-        """Whether a command's arguments, an event's data, or a type (a path
-        or a name from ``schema.KNOWN_TYPES``) has ``member``: an object or
-        union-branch member, an alternate branch's member or an enum value.
-        E.g. ``("blockdev-add", "driver")``, ``("BlockdevAioOptions",
-        "io_uring")``, ``("blockdev-add/driver=file", "aio")``."""
-        return self._schema_index().has_member(type_or_command, member)
-
-    def schema_lookup(self, path: str) -> dict | None:
-        """The schema entry a path names, or None if this QEMU lacks it."""
-        return self._schema_index().resolve(path)
-
-    # -- file descriptor helpers --------------------------------------------
-
-    def getfd(self, fd: int, fdname: str) -> None:
-        """Give QEMU a duplicate of ``fd`` under ``fdname`` (for commands
-        that take an fd name).  The caller still owns and closes ``fd``."""
-        self.execute("getfd", {"fdname": fdname}, fds=(fd,))
-
-    def closefd(self, fdname: str) -> None:
-        """Make QEMU close its fd named ``fdname``."""
-        self.execute("closefd", {"fdname": fdname})
-
-    def add_fd(self, fd: int, *, fdset_id: int | None = None,
-               opaque: str | None = None) -> dict:
-        """Add a duplicate of ``fd`` to an fd set (``/dev/fdset/N`` paths).
-        Returns ``{"fdset-id": N, "fd": M}`` (M is QEMU's fd number)."""
-        arguments = {}
-        if fdset_id is not None:
-            arguments["fdset-id"] = fdset_id
-        if opaque is not None:
-            arguments["opaque"] = opaque
-        return self.execute("add-fd", arguments, fds=(fd,))
-
-    def remove_fd(self, fdset_id: int, fd: int | None = None) -> None:
-        """Remove QEMU's fd ``fd`` (its number) or, without it, the whole set."""
-        arguments = {"fdset-id": fdset_id}
-        if fd is not None:
-            arguments["fd"] = fd
-        self.execute("remove-fd", arguments)
