@@ -89,8 +89,8 @@ def test_one_command_errors(vm, daemon):
     assert out.returncode == 1
     assert json.loads(out.stdout) == {"error": {"class": "CommandNotFound",
                                                 "desc": "The command x-nope has not been found"}}
-    out = vmctl_qmp("--address", vm, "device_del", '{"id": "qmp"}')
-    assert out.returncode == 1 and "vmbridge: device 'qmp' belongs to vmbridged" in out.stdout
+    out = vmctl_qmp("--address", vm, "chardev-remove", '{"id": "qmp"}')
+    assert out.returncode == 1 and "vmbridge: chardev 'qmp' belongs to vmbridged" in out.stdout
     out = vmctl_qmp("--address", vm, "query-block", "{flat}")
     assert out.returncode == 1 and out.stdout == ""
     assert out.stderr.startswith("vmctl: ") and "not valid JSON" in out.stderr

@@ -62,12 +62,19 @@ class Peer:
         assert self.read() == {"return": {}}
 
 
+def owner(owned):
+    """An ``owns(kind, value)`` like DeviceState.owns: listed ids, and vmb-*."""
+    def owns(kind, value):
+        return value in owned.get(kind, ()) or (isinstance(value, str) and value.startswith("vmb-"))
+    return owns
+
+
 @pytest.fixture
 def hub(mock_qmp):
     client, server = mock_qmp
     establish(client, server)
-    owned = {"ids": {"qmp", "serial0", "fdset/3"}}
-    sessions = QMPSessions(client, owned_ids=lambda: owned["ids"], name="mock", max_queued=50)
+    owned = {"chardevs": {"qmp", "serial0"}, "fdsets": {3}}
+    sessions = QMPSessions(client, owns=owner(owned), name="mock", max_queued=50)
     sessions.owned = owned
     sessions.server = server
     peers, greenlets = [], []
@@ -142,23 +149,23 @@ def test_each_session_sees_its_replies_in_its_order(hub):
 
 def test_refusals_never_reach_qemu(hub):
     peer = hub.connect()
-    for command, arguments in [("device_del", {"id": "serial0"}), ("remove-fd", {"fdset-id": 3}),
-                               ("add-fd", {"fdset-id": 3}),
+    for command, arguments in [("chardev-remove", {"id": "serial0"}), ("remove-fd", {"fdset-id": 3}),
+                               ("add-fd", {"fdset-id": 3}), ("device_add", {"driver": "x", "id": "vmb-new"}),
                                ("human-monitor-command", {"command-line": "chardev-remove qmp"})]:
         peer.send({"execute": command, "arguments": arguments, "id": command})
         reply = peer.read()
         assert reply["id"] == command and reply["error"]["desc"].startswith("vmbridge: ")
-    hub.owned["ids"] = {"dev1"}  # asked afresh for every command
+    hub.owned["devices"] = {"dev1"}  # asked afresh for every command
     peer.send({"execute": "device_del", "arguments": {"id": "/machine/peripheral/dev1"}})
     assert "device '/machine/peripheral/dev1' belongs to vmbridged" in peer.read()["error"]["desc"]
-    peer.send({"execute": "device_del", "arguments": {"id": "serial0"}})
+    peer.send({"execute": "device_del", "arguments": {"id": "serial0"}})  # a chardev of ours, no device
     hub.server.reply(hub.server.expect("device_del"))
     assert peer.read() == {"return": {}}
 
 
 def test_owned_ids_failing_refuses(hub, caplog):
     peer = hub.connect()
-    hub.owned_ids = lambda: 1 / 0
+    hub.owns = lambda kind, value: 1 / 0
     peer.send({"execute": "device_del", "arguments": {"id": "x"}})
     assert "cannot tell which objects vmbridged owns" in peer.read()["error"]["desc"]
     peer.send({"execute": "query-status"})         # others do not ask
@@ -278,32 +285,54 @@ def test_greeting_is_qemus_without_capabilities(hub):
     assert peer.read() == {"QMP": {"version": GREETING["QMP"]["version"], "capabilities": []}}
 
 
+OWNED = {"devices": {"disk0"}, "nodes": {"disk0-fmt"}, "chardevs": {"qmp"}, "netdevs": {"net0"},
+         "objects": {"mem"}, "fdnames": {"fd0"}, "fdsets": {3}, "jobs": {"job0"}}
+
+
 @pytest.mark.parametrize("command,arguments,refused", [
     ("device_del", {"id": "mine"}, False),
-    ("device_del", {"id": "ours"}, True),
-    ("device_del", {"id": "/machine/peripheral/ours"}, True),
-    ("blockdev-del", {"node-name": "ours"}, True),
-    ("chardev-change", {"id": "ours"}, True),
-    ("netdev_del", {"id": "ours"}, True),
-    ("object-del", {"id": "ours"}, True),
-    ("closefd", {"fdname": "ours"}, True),
-    ("getfd", {"fdname": "ours"}, True),
+    ("device_del", {"id": "disk0"}, True),
+    ("device_del", {"id": "/machine/peripheral/disk0"}, True),
+    ("device_del", {"id": "net0"}, False),            # a netdev of ours, not a device
+    ("device_del", {"id": "vmb-later"}, True),        # vmbridged's namespace
+    ("blockdev-del", {"node-name": "disk0-fmt"}, True),
+    ("chardev-remove", {"id": "qmp"}, True),
+    ("chardev-change", {"id": "qmp"}, True),
+    ("netdev_del", {"id": "net0"}, True),
+    ("object-del", {"id": "mem"}, True),
+    ("closefd", {"fdname": "fd0"}, True),
+    ("getfd", {"fdname": "fd0"}, True),
     ("getfd", {"fdname": "mine"}, False),
     ("remove-fd", {"fdset-id": 3}, True),
     ("remove-fd", {"fdset-id": 4}, False),
+    ("remove-fd", {"fdset-id": True}, False),
     ("add-fd", {}, False),
-    ("eject", {"device": "ours"}, True),
-    ("blockdev-change-medium", {"id": "ours", "filename": "x"}, True),
+    ("eject", {"device": "disk0"}, True),
+    ("eject", {"id": "disk0"}, True),
+    ("blockdev-change-medium", {"id": "disk0", "filename": "x"}, True),
+    ("blockdev-mirror", {"device": "disk0-fmt", "target": "t", "sync": "full"}, True),
+    ("blockdev-backup", {"device": "disk0-fmt", "target": "t", "sync": "full"}, False),
+    ("blockdev-reopen", {"options": [{"node-name": "mine"}, {"node-name": "disk0-fmt"}]}, True),
+    ("blockdev-reopen", {"options": [{"node-name": "mine"}]}, False),
+    ("blockdev-reopen", {"options": "junk"}, False),
+    ("job-cancel", {"id": "job0"}, True),
+    ("device_add", {"driver": "virtio-rng-pci", "id": "vmb-rng"}, True),
+    ("device_add", {"driver": "virtio-rng-pci", "id": "rng"}, False),
+    ("blockdev-add", {"driver": "null-co", "node-name": "vmb-n"}, True),
+    ("chardev-add", {"id": "qmp", "backend": {}}, True),
+    ("object-add", {"qom-type": "iothread", "id": "mem"}, True),
     ("quit", None, False),
-    ("human-monitor-command", {"command-line": "device_del ours"}, True),
-    ("human-monitor-command", {"command-line": "eject -f ours"}, True),
-    ("human-monitor-command", {"command-line": "drive_del ours"}, True),
+    ("human-monitor-command", {"command-line": "device_del disk0"}, True),
+    ("human-monitor-command", {"command-line": "eject -f disk0"}, True),
+    ("human-monitor-command", {"command-line": "drive_del disk0-fmt"}, True),
+    ("human-monitor-command", {"command-line": "device_add virtio-rng-pci,id=vmb-x"}, True),
+    ("human-monitor-command", {"command-line": "device_add virtio-rng-pci,id=x"}, False),
     ("human-monitor-command", {"command-line": "info chardev"}, False),
     ("human-monitor-command", {"command-line": "device_del"}, False),
     ("human-monitor-command", {"command-line": 5}, False),
 ])
 def test_refusal_rule(command, arguments, refused):
-    assert (refusal(command, arguments, {"ours", "fdset/3"}) is not None) == refused
+    assert (refusal(command, arguments, owner(OWNED)) is not None) == refused
 
 
 def test_oob_is_not_offered(hub):

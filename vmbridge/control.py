@@ -176,7 +176,8 @@ class QemuMachineInstance:
             log.info("%s: AcquireQMP: not connected to QEMU", self.machine.name)
             raise VarlinkError(f"{MACHINE_INSTANCE}.NotConnected")
         if self._sessions is None or self._sessions.client is not client:
-            self._sessions = QMPSessions(client, owned_ids=self.machine.owned_ids, name=self.machine.name)
+            self._sessions = QMPSessions(client, owns=lambda kind, value: self.machine.devices.owns(kind, value),
+                                         name=self.machine.name)
         return self._sessions
 
     def AcquireQMP(self, call):

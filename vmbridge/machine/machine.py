@@ -156,17 +156,6 @@ class Machine:
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None and not self.process.exited else None
 
-    def owned_ids(self) -> set[str]:
-        """The ids of everything vmbridged created in QEMU and relies on.
-
-        QMP sessions (AcquireQMP) may not remove, replace or re-point these
-        (see vmbridge/machine/qmp_sessions.py). One namespace for all kinds:
-        chardev, device (qdev), netdev, object ids, block node names, fd names
-        (getfd) and fd sets as ``fdset/N``. Until the device plane reports its
-        own, that is the monitors and the serial console.
-        """
-        return {"qmp", "qmp-reattach", "serial0"}
-
     def describe(self) -> dict:
         """io.systemd.MachineInstance.Describe's answer, from memory."""
         return {"running": self.qemu_running, "status": self.qemu_status}

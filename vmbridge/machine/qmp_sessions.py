@@ -124,82 +124,157 @@ def _device_id(value):
     return value
 
 
-def _fdset(value):
-    return f"fdset/{value}" if isinstance(value, int) and not isinstance(value, bool) else None
+_DEVICE = (("devices",), "device")
+_NODE = (("nodes",), "block node")
+_DEVICE_OR_NODE = (("devices", "nodes"), "block device")
+_CHARDEV = (("chardevs",), "chardev")
+_NETDEV = (("netdevs",), "netdev")
+_OBJECT = (("objects",), "object")
+_FDNAME = (("fdnames",), "file descriptor")
+_FDSET = (("fdsets",), "fd set")
+_JOB = (("jobs",), "job")
 
-
-#: command -> ((argument, what it names, how to turn it into an owned id), ...)
+#: command -> ((argument, (kinds, what it names)), ...): refused when vmbridged
+#: owns the argument's value as one of those kinds (``DeviceState.owns``).
 _OWNED_ARGUMENTS = {
-    "device_del": (("id", "device", _device_id),),
-    "blockdev-del": (("node-name", "block node", None),),
-    "chardev-remove": (("id", "chardev", None),),
-    "chardev-change": (("id", "chardev", None),),
-    "netdev_del": (("id", "netdev", None),),
-    "object-del": (("id", "object", None),),
-    "closefd": (("fdname", "file descriptor", None),),
-    "getfd": (("fdname", "file descriptor", None),),
-    "remove-fd": (("fdset-id", "fd set", _fdset),),
-    "add-fd": (("fdset-id", "fd set", _fdset),),
-    "eject": (("device", "block backend", None), ("id", "device", None)),
-    "blockdev-remove-medium": (("id", "device", None),),
-    "blockdev-insert-medium": (("id", "device", None),),
-    "blockdev-change-medium": (("device", "block backend", None), ("id", "device", None)),
+    # removing, replacing or re-pointing what is ours
+    "device_del": (("id", _DEVICE),),
+    "blockdev-del": (("node-name", _NODE),),
+    "chardev-remove": (("id", _CHARDEV),),
+    "chardev-change": (("id", _CHARDEV),),
+    "netdev_del": (("id", _NETDEV),),
+    "object-del": (("id", _OBJECT),),
+    "closefd": (("fdname", _FDNAME),),
+    "getfd": (("fdname", _FDNAME),),
+    "remove-fd": (("fdset-id", _FDSET),),
+    "add-fd": (("fdset-id", _FDSET),),
+    "eject": (("device", _DEVICE_OR_NODE), ("id", _DEVICE)),
+    "blockdev-open-tray": (("device", _DEVICE_OR_NODE), ("id", _DEVICE)),
+    "blockdev-remove-medium": (("id", _DEVICE),),
+    "blockdev-insert-medium": (("id", _DEVICE),),
+    "blockdev-change-medium": (("device", _DEVICE_OR_NODE), ("id", _DEVICE)),
+    "x-blockdev-change": (("parent", _NODE),),
+    # jobs that rebuild the block graph under our nodes
+    "block-stream": (("device", _NODE),),
+    "block-commit": (("device", _NODE),),
+    "drive-mirror": (("device", _NODE),),
+    "blockdev-mirror": (("device", _NODE),),
+    "blockdev-snapshot": (("node", _NODE),),
+    "blockdev-snapshot-sync": (("device", _NODE), ("node-name", _NODE)),
+    # our jobs
+    "job-cancel": (("id", _JOB),),
+    "job-dismiss": (("id", _JOB),),
+    "job-finalize": (("id", _JOB),),
+    "job-complete": (("id", _JOB),),
+    "job-pause": (("id", _JOB),),
+    "block-job-cancel": (("device", _JOB),),
+    "block-job-complete": (("device", _JOB),),
+    "block-job-pause": (("device", _JOB),),
+    "block-job-dismiss": (("id", _JOB),),
+    "block-job-finalize": (("id", _JOB),),
+    # creating something under one of our names (vmbridged's own are vmb-...)
+    "device_add": (("id", _DEVICE),),
+    "blockdev-add": (("node-name", _NODE),),
+    "blockdev-create": (("job-id", _JOB),),
+    "chardev-add": (("id", _CHARDEV),),
+    "netdev_add": (("id", _NETDEV),),
+    "object-add": (("id", _OBJECT),),
 }
 
-#: HMP commands (through human-monitor-command) that do the same: name -> what
-#: their first non-option argument names.
+#: HMP commands (through human-monitor-command) that do the same: name ->
+#: (kinds, what) of their first operand, or of their ``id=`` option for
+#: the ``*_add`` ones.
 _HMP_OWNED = {
-    "device_del": "device",
-    "drive_del": "drive",
-    "chardev-remove": "chardev",
-    "chardev-change": "chardev",
-    "netdev_del": "netdev",
-    "object_del": "object",
-    "closefd": "file descriptor",
-    "getfd": "file descriptor",
-    "eject": "block device",
-    "change": "block device",
+    "device_del": _DEVICE,
+    "drive_del": _DEVICE_OR_NODE,
+    "chardev-remove": _CHARDEV,
+    "chardev-change": _CHARDEV,
+    "netdev_del": _NETDEV,
+    "object_del": _OBJECT,
+    "closefd": _FDNAME,
+    "getfd": _FDNAME,
+    "eject": _DEVICE_OR_NODE,
+    "change": _DEVICE_OR_NODE,
+    "block_job_cancel": _JOB,
+    "block_job_complete": _JOB,
+    "block_stream": _NODE,
+    "drive_mirror": _NODE,
+    "snapshot_blkdev": _NODE,
+}
+_HMP_CREATE = {
+    "device_add": _DEVICE,
+    "chardev-add": _CHARDEV,
+    "netdev_add": _NETDEV,
+    "object_add": _OBJECT,
 }
 
-REFUSED_COMMANDS = sorted(_OWNED_ARGUMENTS) + ["human-monitor-command"]
+REFUSED_COMMANDS = sorted(_OWNED_ARGUMENTS) + ["blockdev-reopen", "human-monitor-command"]
 
 
-def refusal(command: str, arguments: dict | None, owned: set) -> str | None:
+def _owned(owns, value, kinds) -> bool:
+    return any(owns(kind, value) for kind in kinds)
+
+
+def refusal(command: str, arguments: dict | None, owns) -> str | None:
     """Why vmbridge refuses ``command``, or None to pass it to QEMU.
 
     The rule: nothing may remove, replace or re-point an object vmbridged
-    created (``owned``: ``Machine.owned_ids()``), through QMP or through HMP
+    created, nor take one of its names, through QMP or through HMP
     (``human-monitor-command``), because vmbridged's model of the VM (its
-    monitor, its console, its devices, its fds) would silently stop being
-    true. Everything else - ``quit``, ``stop``, migration, adding and
-    removing the client's own devices - is the user's business and goes
-    through; vmbridged's state follows QEMU's events.
+    monitors, its console, its devices, its fds) would silently stop being
+    true. ``owns(kind, value)`` is ``DeviceState.owns``: kinds are devices,
+    nodes, fdsets, fdnames, netdevs, chardevs, objects and jobs. Everything
+    else - ``quit``, ``stop``, migration, the client's own devices - is the
+    user's business and goes through; vmbridged's state follows QEMU's events.
     """
     arguments = arguments or {}
     if command == "human-monitor-command":
-        return _hmp_refusal(arguments.get("command-line"), owned)
-    for name, what, normalise in _OWNED_ARGUMENTS.get(command, ()):
+        return _hmp_refusal(arguments.get("command-line"), owns)
+    if command == "blockdev-reopen":
+        for options in arguments.get("options") or ():
+            node = options.get("node-name") if isinstance(options, dict) else None
+            if _owned(owns, node, _NODE[0]):
+                return _refused(_NODE[1], node, command)
+        return None
+    for name, (kinds, what) in _OWNED_ARGUMENTS.get(command, ()):
         value = arguments.get(name)
-        key = normalise(value) if normalise is not None else value
-        if isinstance(key, str) and key in owned:
-            return (f"vmbridge: {what} '{value}' belongs to vmbridged; "
-                    f"{command} would break vmbridged's bookkeeping")
+        if value is None or isinstance(value, bool) or not isinstance(value, (str, int)):
+            continue  # absent, or QEMU will say what is wrong with it
+        key = _device_id(value) if "devices" in kinds else value
+        if _owned(owns, key, kinds):
+            return _refused(what, value, command)
     return None
 
 
-def _hmp_refusal(command_line, owned: set) -> str | None:
+def _refused(what, value, command) -> str:
+    return (f"vmbridge: {what} '{value}' belongs to vmbridged; "
+            f"{command} would break vmbridged's bookkeeping")
+
+
+def _hmp_refusal(command_line, owns) -> str | None:
     if not isinstance(command_line, str):
         return None  # QEMU will say what is wrong with it
     words = command_line.split()
-    if not words or words[0] not in _HMP_OWNED:
+    if not words:
+        return None
+    name = words[0]
+    if name in _HMP_CREATE:
+        kinds, what = _HMP_CREATE[name]
+        for word in words[1:]:
+            for option in word.split(","):
+                key, _, value = option.partition("=")
+                if key == "id" and _owned(owns, value, kinds):
+                    return _refused(what, value, f"HMP {name}")
+        return None
+    if name not in _HMP_OWNED:
         return None
     operands = [w for w in words[1:] if not w.startswith("-")]
     if not operands:
         return None
-    target = _device_id(operands[0]) if words[0] == "device_del" else operands[0]
-    if target in owned:
-        return (f"vmbridge: {_HMP_OWNED[words[0]]} '{operands[0]}' belongs to vmbridged; "
-                f"HMP {words[0]} would break vmbridged's bookkeeping")
+    kinds, what = _HMP_OWNED[name]
+    target = _device_id(operands[0]) if "devices" in kinds else operands[0]
+    if _owned(owns, target, kinds):
+        return _refused(what, operands[0], f"HMP {name}")
     return None
 
 
@@ -208,20 +283,21 @@ def _hmp_refusal(command_line, owned: set) -> str | None:
 class QMPSessions:
     """Every session on one QMP connection (one QEMU run).
 
-    ``owned_ids`` is called for each command that could remove something and
-    returns the ids vmbridged owns (``Machine.owned_ids``). Creating this
-    registers an event and a disconnect callback on ``client``; a client
-    that is already disconnected leaves it closed at once.
+    ``owns(kind, value)`` says whether vmbridged owns an id
+    (``machine.devices.owns``); it is asked for each command that could take
+    something of ours (see :func:`refusal`). Creating this registers an event
+    and a disconnect callback on ``client``; a client that is already
+    disconnected leaves it closed at once.
     """
 
-    def __init__(self, client, *, owned_ids=frozenset, name: str = "qmp",
+    def __init__(self, client, *, owns=lambda kind, value: False, name: str = "qmp",
                  max_sessions: int = MAX_SESSIONS, max_queued: int = MAX_QUEUED,
                  max_queued_bytes: int = MAX_QUEUED_BYTES):
         if client.version is None:
             raise ValueError("the QMP client has no greeting yet (handshake first)")
         self.client = client
         self.name = name
-        self.owned_ids = owned_ids
+        self.owns = owns
         self.max_sessions = max_sessions
         self.max_queued = max_queued
         self.max_queued_bytes = max_queued_bytes
@@ -505,14 +581,13 @@ class Session:
         self._push(encode(_with_id(reply, has_id, request_id)))
 
     def _refusal(self, command: str, arguments) -> str | None:
-        if command not in _OWNED_ARGUMENTS and command != "human-monitor-command":
+        if command not in _OWNED_ARGUMENTS and command not in ("blockdev-reopen", "human-monitor-command"):
             return None
         try:
-            owned = set(self.hub.owned_ids())
+            return refusal(command, arguments, self.hub.owns)
         except Exception as e:  # a bug elsewhere: refuse rather than guess
-            log.exception("%s: owned_ids() failed", self.hub.name)
+            log.exception("%s: cannot tell what vmbridged owns", self.hub.name)
             return f"vmbridge: cannot tell which objects vmbridged owns ({e!r}); {command} refused"
-        return refusal(command, arguments, owned)
 
     # -------------------------------------------------------------- output
 
