@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from device_checks import fd_table, settle, warm_up
+from leak_checks import fd_table, settle, warm_up
 from vmbridge.machine.hostdev import find_vhost_user_backend
 
 

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from device_checks import fd_table, settle, warm_up
+from leak_checks import fd_table, settle, warm_up
 from guest import BOOT_TIMEOUT, require_guest, parse_line
 from vmbridge.machine import devices as dev
 from vmbridge.machine import images

@@ -9,10 +9,8 @@ import os
 import shutil
 import subprocess
 
-import gevent
 import pytest
 
-from qemu_helpers import no_leaks  # noqa: F401 (a fixture)
 from vmbridge.machine import Machine, MachineConfig, MachineError
 from vmbridge.machine import devices as dev
 from vmbridge.machine import setup

@@ -57,7 +57,7 @@ def test_sigkilled_daemon_adopts_running_and_paused_vms(daemon):
 
 def test_gone_and_reused_pids_are_not_adopted(daemon):
     a = daemon.create("gone")
-    b = daemon.create("reused")
+    daemon.create("reused")
     daemon.proc.send_signal(signal.SIGKILL)
     daemon.proc.wait()
     os.kill(a["pid"], signal.SIGKILL)

@@ -65,6 +65,29 @@ def setup_logging(verbose: bool) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
+def byte_size(value: str) -> int:
+    """A size in bytes: 4096, 64K, 4M, 1G (also 4MiB); at least 1 KiB."""
+    text = value.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    try:
+        size = int(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 4M or 512K, not {value!r}") from None
+    if size < 1024:
+        raise argparse.ArgumentTypeError(f"{value!r} is too small (at least 1K)")
+    return size
+
+
+def stats_interval(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, such as 2 or 0.5, not {value!r}") from None
+    if seconds != 0 and not 0.1 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError("must be 0 (off) or from 0.1 to 3600 seconds")
+    return seconds
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="vmbridged", description="Runtime-control plane for QEMU VMs.")
     parser.add_argument("--runtime-dir", help="sockets and VM state (default: $RUNTIME_DIRECTORY, "
@@ -74,6 +97,12 @@ def parse_args(argv):
     parser.add_argument("--verbose", "-v", action="store_true", help="log QMP and varlink traffic")
     parser.add_argument("--qmp-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="how long a VM's QEMU may take to answer a command (default 30)")
+    parser.add_argument("--console-log-size", type=byte_size, metavar="SIZE",
+                        help="rotate each VM's console.log to console.log.1 past SIZE bytes "
+                        "(K, M, G suffixes; default 4M)")
+    parser.add_argument("--stats-interval", type=stats_interval, default=2.0, metavar="SECONDS",
+                        help="sample each VM's resource figures (CPU, memory, I/O) every SECONDS "
+                        "(default 2; 0 turns sampling off)")
     parser.add_argument("--keep-vms", action="store_true",
                         help="on SIGTERM, leave the VMs running for the next vmbridged to adopt "
                         "(the default when systemd is restarting the service)")
@@ -108,11 +137,14 @@ class Daemon:
         self.notifier = systemd.Notifier()
         self.stopping = gevent.event.Event()
         self.manager = Manager(self.runtime_dir, args.config_dir or default_config_dir(),
-                               command_timeout=args.qmp_timeout, on_change=self.report_status)
+                               command_timeout=args.qmp_timeout, on_change=self.report_status,
+                               console_log_size=args.console_log_size,
+                               stats_interval=args.stats_interval)
         listen = manager_listen_socket()
         self.server = Server(build_manager_service(self.manager), listen_socket=listen,
                              path=None if listen else os.path.join(self.runtime_dir, MANAGER_SOCKET),
                              mode=0o600)
+        self.manager.server = self.server
 
     def report_status(self) -> None:
         if self.stopping.is_set():
@@ -181,6 +213,7 @@ class Daemon:
 The demo VM is running. In another terminal, try:
     .venv/bin/vmctl --runtime-dir {rt} list
     .venv/bin/vmctl --runtime-dir {rt} describe demo
+    .venv/bin/vmctl --runtime-dir {rt} console demo        (a root shell; Ctrl-] detaches)
     .venv/bin/vmctl --runtime-dir {rt} events demo        (then pause/resume from a third terminal)
     .venv/bin/vmctl --runtime-dir {rt} pause demo
     .venv/bin/vmctl --runtime-dir {rt} resume demo

@@ -21,7 +21,6 @@ import enum
 import json
 import logging
 import os
-import signal
 import socket
 import time
 
@@ -34,8 +33,8 @@ from vmbridge.machine.config import MachineConfig
 from vmbridge.machine.console import Console
 from vmbridge.machine.events import EventHub, MachineEvent
 from vmbridge.machine.process import AdoptedProcess, ChildProcess, ExitInfo, QemuProcess
-from vmbridge.qmp import (QMPClient, QMPCommandError, QMPDisconnectedError, QMPError,
-                          QMPTimeoutError, State as QMPState)
+from vmbridge.qmp import (QMPClient, QMPCommandError, QMPDisconnectedError, QMPTimeoutError,
+                          State as QMPState)
 
 log = logging.getLogger("vmbridge.machine")
 
@@ -98,11 +97,12 @@ _STOP_REASONS = {
 
 class Machine:
     def __init__(self, config: MachineConfig, directory: str, *,
-                 command_timeout: float = 30.0, on_change=None):
+                 command_timeout: float = 30.0, on_change=None, console_log_size: int | None = None):
         self.config = config
         self.name = config.name
         self.directory = directory
         self.command_timeout = command_timeout
+        self.console_log_size = console_log_size  # console.log's rotation size (None: the default)
         self._on_change = on_change
         self.state = MachineState.DEFINED
         self.since = time.time()
@@ -155,6 +155,14 @@ class Machine:
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None and not self.process.exited else None
+
+    def helper_pids(self) -> list[int]:
+        """The pids of this VM's helper processes (e.g. virtiofsd), for its resource figures.
+
+        Their CPU, memory and I/O count towards the VM's (see vmbridge/machine/stats.py).
+        None yet: the device plane adds its helpers here.
+        """
+        return []
 
     def describe(self) -> dict:
         """io.systemd.MachineInstance.Describe's answer, from memory."""
@@ -270,8 +278,8 @@ class Machine:
                 argv += ["-chardev", f"socket,id=qmp-reattach,fd={hand_over(self._bind_reattach_socket())},"
                          "server=on,wait=off"] + binary.monitor_args("qmp-reattach")
                 if config.machine != "none":
-                    self.console = Console(self.directory, self.name)
-                    self._resources.callback(self._close_console)
+                    self.console = self._new_console()
+                    self._resources.callback(self._close_console, "the VM exited")
                     argv += ["-chardev", f"socket,id=serial0,fd={hand_over(self.console.open())}",
                              "-serial", "chardev:serial0"]
                 if config.firmware == "uefi":
@@ -360,12 +368,14 @@ class Machine:
     # ------------------------------------------------------- adoption (restart)
 
     @classmethod
-    def adopt(cls, directory: str, *, command_timeout: float = 30.0, on_change=None) -> "Machine":
+    def adopt(cls, directory: str, *, command_timeout: float = 30.0, on_change=None,
+              console_log_size: int | None = None) -> "Machine":
         """Re-attach to a QEMU left running by an earlier vmbridged."""
         with open(os.path.join(directory, STATE_FILE)) as f:
             saved = json.load(f)
         config = MachineConfig.from_dict(saved["config"])
-        machine = cls(config, directory, command_timeout=command_timeout, on_change=on_change)
+        machine = cls(config, directory, command_timeout=command_timeout, on_change=on_change,
+                      console_log_size=console_log_size)
         machine.qemu_version = saved.get("qemuVersion")
         machine.devices.restore(saved.get("devices"))
         machine.process = AdoptedProcess(saved["pid"], saved["startTime"])
@@ -389,13 +399,25 @@ class Machine:
         machine._set_state(MachineState.RUNNING if status["running"] else MachineState.PAUSED)
         return machine
 
+    def _new_console(self) -> Console:
+        if self.console_log_size is None:
+            return Console(self.directory, self.name)
+        return Console(self.directory, self.name, log_limit=self.console_log_size)
+
     def _reattach_console(self) -> None:
-        """Plumb the serial port into a fresh socketpair (the old one died with the daemon)."""
+        """Plumb the serial port into a fresh socketpair (the old one died with the daemon).
+
+        QEMU's serial0 chardev lost its peer when the old vmbridged went away
+        (it drops output since); ``chardev-change`` gives it a new socket
+        backend on the descriptor passed with ``getfd``. The ring buffer
+        starts with the end of the log, so a replay still shows what came
+        before the restart.
+        """
         if self.config.machine == "none":
             return
-        self.console = Console(self.directory, self.name)
-        qemus = self.console.open()
-        self._resources.callback(self._close_console)
+        self.console = self._new_console()
+        qemus = self.console.open(resume=True)
+        self._resources.callback(self._close_console, "the VM exited")
         try:
             self.execute("getfd", {"fdname": "serial0-reattach"}, fds=[qemus.fileno()])
             self.execute("chardev-change", {"id": "serial0", "backend": {
@@ -403,6 +425,8 @@ class Machine:
                                            "server": False}}})
         except MachineError as e:
             log.warning("%s: console not re-attached: %s", self.name, e)
+            self.console.close(f"console not re-attached after a vmbridged restart: {e}")
+            return
         finally:
             qemus.close()
         self.console.start()
@@ -483,9 +507,9 @@ class Machine:
         self._set_state(MachineState.EXITED)
         self._gone.set()
 
-    def _close_console(self) -> None:
+    def _close_console(self, reason: str) -> None:
         if self.console is not None:
-            self.console.close()
+            self.console.close(reason)
 
     def _remove_runtime_files(self, everything: bool = False) -> None:
         names = ("qmp", STATE_FILE)
@@ -505,7 +529,7 @@ class Machine:
             self.qmp.close()
         if isinstance(self.process, AdoptedProcess):
             self.process.close()
-        self._close_console()
+        self._close_console("vmbridged is stopping; the VM keeps running")
 
 
 def _open_readonly(path: str, field: str) -> int:

@@ -120,6 +120,12 @@ class ConfigNotSupported(StorageError):
     varlink_error = "ConfigNotSupported"
 
 
+class StorageNotSupported(StorageError):
+    """This machine cannot take storage at all (e.g. -machine none: no bus)."""
+
+    varlink_error = "NotSupported"
+
+
 class StorageUnusable(StorageError):
     """The descriptor's image cannot be used (wrong format, unsupported header...)."""
 
@@ -758,6 +764,8 @@ class DeviceState:
             raise BadConfig(e.message) from e
         with self._lock:
             self._check_running()
+            if self.plan.bus == "none":
+                raise StorageNotSupported(f"machine type {self.machine.config.machine!r} has no bus for storage")
             if name in self.drives:
                 raise StorageExists(f"storage {name!r} exists")
             try:
