@@ -1,8 +1,4 @@
-"""vmctl qmp: one command, and the interactive prompt through a pipe and a pty.
-
-Until vmctl's verb table lands the verb runs as ``python -m vmbridge.cli.qmp``
-with the same options vmctl gives it (--address, or a runtime dir to find NAME).
-"""
+"""vmctl qmp: one command, and the interactive prompt through a pipe and a pty."""
 
 from __future__ import annotations
 
@@ -16,16 +12,16 @@ import time
 
 import pytest
 
-from conftest import ROOT, raw_call
+from conftest import ROOT, VMCTL, raw_call
 from vmbridge.cli.qmp import QMPSession, parse_input
 
 TIMEOUT = 30
 
 
-def vmctl_qmp(*args, stdin=None, env=None, timeout=TIMEOUT, input=None):
-    return subprocess.run([sys.executable, "-m", "vmbridge.cli.qmp", *args],
+def vmctl(*args, env=None, timeout=TIMEOUT, input=None):
+    return subprocess.run([sys.executable, VMCTL, *args],
                           input=input, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": ROOT, **(env or {})}, cwd=ROOT)
+                          env={**os.environ, **(env or {})}, cwd=ROOT)
 
 
 @pytest.fixture
@@ -70,32 +66,34 @@ def test_session_api(vm):
 
 
 def test_one_command(vm, daemon):
-    out = vmctl_qmp("--address", vm, "query-status")
+    out = vmctl("--address", vm, "qmp", "query-status")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"return": {"status": "running", "singlestep": False, "running": True}}
     assert out.stdout.startswith("{\n  ")                       # pretty by default
-    out = vmctl_qmp("--runtime-dir", daemon.runtime_dir, "--json", "short", "t1", "query-named-block-nodes", '{"flat": true}')
+    out = vmctl("--runtime-dir", daemon.runtime_dir, "--json=short", "qmp", "t1", "query-named-block-nodes", '{"flat": true}')
     assert out.returncode == 0, out.stderr
     assert out.stdout == '{"return": []}\n'
     # Arguments may come in shell words, and raw requests work too.
-    out = vmctl_qmp("--address", vm, "qom-list", "{\"path\":", '"/machine"}')
+    out = vmctl("--address", vm, "qmp", "qom-list", "{\"path\":", '"/machine"}')
     assert out.returncode == 0 and any(p["name"] == "type" for p in json.loads(out.stdout)["return"])
-    out = vmctl_qmp("--address", vm, '{"execute": "query-name", "id": "n"}')
+    out = vmctl("--address", vm, "qmp", '{"execute": "query-name", "id": "n"}')
     assert out.returncode == 0 and json.loads(out.stdout)["id"] == "n"
 
 
 def test_one_command_errors(vm, daemon):
-    out = vmctl_qmp("--address", vm, "x-nope")
+    out = vmctl("--address", vm, "qmp", "x-nope")
     assert out.returncode == 1
     assert json.loads(out.stdout) == {"error": {"class": "CommandNotFound",
                                                 "desc": "The command x-nope has not been found"}}
-    out = vmctl_qmp("--address", vm, "chardev-remove", '{"id": "qmp"}')
+    out = vmctl("--address", vm, "qmp", "chardev-remove", '{"id": "qmp"}')
     assert out.returncode == 1 and "vmbridge: chardev 'qmp' belongs to vmbridged" in out.stdout
-    out = vmctl_qmp("--address", vm, "query-block", "{flat}")
+    out = vmctl("--address", vm, "qmp", "query-block", "{flat}")
     assert out.returncode == 1 and out.stdout == ""
     assert out.stderr.startswith("vmctl: ") and "not valid JSON" in out.stderr
-    out = vmctl_qmp("--runtime-dir", daemon.runtime_dir, "nosuchvm", "query-status")
-    assert out.returncode == 1 and out.stderr.startswith("vmctl: nosuchvm: ")
+    out = vmctl("--runtime-dir", daemon.runtime_dir, "qmp", "nosuchvm", "query-status")
+    assert out.returncode == 1 and out.stderr == "vmctl: no such VM 'nosuchvm'\n"
+    out = vmctl("--runtime-dir", daemon.runtime_dir, "qmp")
+    assert out.returncode == 2 and "no VM NAME given" in out.stderr
     assert describe(vm)["running"] is True
 
 
@@ -113,7 +111,7 @@ def test_interactive_through_a_pipe(vm):
         "x-nope",
         "query-name",
     ]) + "\n"
-    out = vmctl_qmp("--address", vm, input=script)
+    out = vmctl("--address", vm, "qmp", input=script)
     assert out.returncode == 0, out.stderr
     # Replies pretty-printed, events one line each, in the order they came.
     lines = out.stdout.splitlines()
@@ -142,9 +140,9 @@ def split_pretty(lines):
 
 
 def test_interactive_vm_going_away(vm, daemon):
-    proc = subprocess.Popen([sys.executable, "-m", "vmbridge.cli.qmp", "--address", vm],
+    proc = subprocess.Popen([sys.executable, VMCTL, "--address", vm, "qmp"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": ROOT}, cwd=ROOT)
+                            text=True, cwd=ROOT)
     try:
         proc.stdin.write("query-status\n")
         proc.stdin.flush()
@@ -210,8 +208,8 @@ class Pty:
 
 def test_interactive_on_a_terminal(vm, daemon, short_tmp):
     state = os.path.join(short_tmp, "state")
-    env = {**os.environ, "PYTHONPATH": ROOT, "XDG_STATE_HOME": state, "TERM": "xterm"}
-    argv = [sys.executable, "-m", "vmbridge.cli.qmp", "--runtime-dir", daemon.runtime_dir, "t1"]
+    env = {**os.environ, "XDG_STATE_HOME": state, "TERM": "xterm"}
+    argv = [sys.executable, VMCTL, "--runtime-dir", daemon.runtime_dir, "qmp", "t1"]
     term = Pty(argv, env)
     try:
         term.expect(b"t1 (qmp)> ")

@@ -12,14 +12,14 @@ History is kept in ``$XDG_STATE_HOME/vmbridge/qmp_history``
 (``~/.local/state/vmbridge/qmp_history``); Tab completes command names.
 Ctrl-D leaves; so does the VM going away.
 
+With ``--address SOCKET`` there is no NAME: ``vmctl --address SOCKET qmp
+[COMMAND [JSON-ARGS]]``.
+
 The pieces are usable without the CLI: :class:`QMPSession` (acquire,
 negotiate, execute) and :func:`parse_input`. Only the standard library is
 imported (vmctl starts fast, and never imports gevent); the interactive
 prompt reads the socket in one helper thread, because Python's ``input()``
 with readline cannot wait for a socket at the same time.
-
-Until vmctl's verb table lands, ``python -m vmbridge.cli.qmp --address
-SOCKET ...`` (or ``--runtime-dir DIR NAME ...``) runs this verb on its own.
 """
 
 import json
@@ -389,9 +389,13 @@ def _in_main_thread_available():
 # ------------------------------------------------------------------- the verb
 
 def add_arguments(parser):
-    parser.add_argument("words", nargs="*", metavar="NAME [COMMAND [JSON-ARGS]]",
-                        help="the VM (not with --address), then a QMP command and its arguments "
-                             "as a JSON object; without a command, an interactive QMP prompt")
+    parser.add_argument("name", nargs="?", metavar="NAME", help="the VM (none with --address)")
+    parser.add_argument("command", nargs="?", metavar="COMMAND",
+                        help="a QMP command (query-status), or a whole request as JSON; "
+                             "without one, an interactive QMP prompt")
+    parser.add_argument("arguments", nargs="*", metavar="JSON-ARGS",
+                        help='the command\'s arguments, a JSON object ({"flat": true}); '
+                             "it may span several words")
 
 
 def _address(ctx, name):
@@ -426,7 +430,7 @@ def _report(ctx, name, error):
 
 
 def run(args, ctx):
-    words = list(args.words)
+    words = [w for w in (args.name, args.command) if w is not None] + list(args.arguments)
     if getattr(ctx, "address", None):
         name = None
     elif not words:
@@ -474,35 +478,3 @@ def _translate(ctx, error, address):
     if isinstance(error, OSError) and error.strerror:
         return "%s: %s" % (address or "cannot connect", error.strerror)
     return error
-
-
-# ------------------------------------------------- standalone (until merged)
-
-class _StandaloneContext:
-    def __init__(self, options):
-        self.address = options.address
-        self.timeout = options.timeout
-        self.runtime_dir = options.runtime_dir
-        self.json = options.json
-
-    def resolve(self, name):
-        if not self.runtime_dir:
-            raise QMPSessionError("give --address SOCKET or --runtime-dir DIR")
-        return os.path.join(self.runtime_dir, "machines", name, "control")
-
-
-def main(argv=None):
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="vmctl qmp", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--address", help="the VM's control socket")
-    parser.add_argument("--runtime-dir", help="vmbridged's runtime directory (NAME → DIR/machines/NAME/control)")
-    parser.add_argument("--timeout", type=float, default=30.0)
-    parser.add_argument("--json", choices=("short", "pretty"))
-    add_arguments(parser)
-    options = parser.parse_args(argv)
-    return run(options, _StandaloneContext(options))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
