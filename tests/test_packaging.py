@@ -29,7 +29,7 @@ SPEC = os.path.join(ROOT, "contrib", "rpm", "vmbridge.spec")
 MAN_PAGES = {"vmctl.1": "man1", "vmbridge.conf.5": "man5", "vmbridged.8": "man8"}
 MANAGER = "io.vmbridge.Manager"
 VERBS = ["list", "start", "describe", "pause", "resume", "poweroff", "reboot", "terminate", "remove", "events",
-         "console", "storage", "status", "top"]
+         "console", "storage", "qmp", "status", "top"]
 
 
 def version() -> str:
