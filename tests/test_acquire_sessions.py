@@ -18,8 +18,8 @@ import pytest
 
 from vmbridge.machine.qmp_sessions import QMPSessions, refusal
 
-from mock_qmp import GREETING, establish, mock_qmp  # noqa: F401
-from qemu_helpers import TIMEOUT, no_leaks  # noqa: F401
+from mock_qmp import GREETING, establish
+from qemu_helpers import TIMEOUT
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 

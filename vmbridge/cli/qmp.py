@@ -17,18 +17,23 @@ With ``--address SOCKET`` there is no NAME: ``vmctl --address SOCKET qmp
 
 The pieces are usable without the CLI: :class:`QMPSession` (acquire,
 negotiate, execute) and :func:`parse_input`. Only the standard library is
-imported (vmctl starts fast, and never imports gevent); the interactive
-prompt reads the socket in one helper thread, because Python's ``input()``
-with readline cannot wait for a socket at the same time.
+imported (vmctl starts fast, and never imports gevent), and everything runs
+in one thread: while readline's ``input()`` waits for the user, the session
+socket raises SIGIO (``O_ASYNC``) when the VM sends something, and the signal
+handler - which Python runs in the main thread, also during ``input()`` -
+prints the events above the line being typed.
 """
 
+import fcntl
 import json
 import os
+import select
+import selectors
 import signal
 import socket
 import sys
-import threading
 
+from vmbridge.cli.context import CLIError
 from vmbridge.varlink.client import Connection, VarlinkError
 
 ACQUIRE = "io.systemd.QemuMachineInstance.AcquireQMP"
@@ -43,6 +48,10 @@ class QMPSessionError(Exception):
 
 class QMPSessionClosed(QMPSessionError):
     """The VM's end closed the session."""
+
+
+class _WouldBlock(Exception):
+    """read_message(timeout=0) found no whole message."""
 
 
 class QMPSession:
@@ -106,6 +115,8 @@ class QMPSession:
             try:
                 self.sock.settimeout(self.timeout if timeout is _DEFAULT else timeout)
                 data = self.sock.recv(65536)
+            except BlockingIOError:
+                raise _WouldBlock() from None   # timeout=0: nothing there yet
             except socket.timeout:
                 raise TimeoutError("no answer from the VM") from None
             except OSError as e:
@@ -113,6 +124,15 @@ class QMPSession:
             if not data:
                 raise QMPSessionClosed("the VM closed the QMP session")
             self._buf += data
+
+    def poll(self):
+        """The messages that have arrived, without waiting (possibly none)."""
+        messages = []
+        while True:
+            try:
+                messages.append(self.read_message(timeout=0))
+            except _WouldBlock:
+                return messages
 
     def negotiate(self, timeout=_DEFAULT):
         """Read the greeting and leave capabilities negotiation; returns the greeting."""
@@ -200,9 +220,14 @@ class _Ended(Exception):
 
 
 class Prompt:
-    """The interactive loop: the main thread reads lines and sends them, one
-    command at a time; a reader thread prints every reply and event in the
-    order they arrive and hands replies back."""
+    """The interactive loop, in one thread.
+
+    A line read is sent as one command; then the loop reads until its reply,
+    printing the events that come first. While waiting for the next line,
+    events are printed as they arrive: on a terminal through SIGIO (see the
+    module's docstring), without one by watching stdin and the socket with
+    select.
+    """
 
     def __init__(self, session, *, name="", stdin=None, stdout=None, stderr=None, history=None):
         self.session = session
@@ -213,21 +238,17 @@ class Prompt:
         self.tty = self.stdin.isatty() and self.stdout.isatty()
         self.history = history if history is not None else (history_path() if self.tty else None)
         self.prompt = "%s(qmp)> " % (name + " " if name else "") if self.tty else ""
-        self._lock = threading.Lock()
-        self._replies = []
-        self._reply_ready = threading.Condition(self._lock)
-        self._ended = None              # why the session ended, once it has
-        self._at_prompt = False
+        self._ended = None          # why the session ended, once it has
+        self._at_prompt = False     # input() is waiting: SIGIO may print
+        self._reading = False       # someone is reading the socket: SIGIO must not
         self._readline = None
-        self._main = threading.main_thread().ident
+        self._stdin_buffer = b""
 
     def run(self):
         """Returns the exit status: 0 at end of input or after ``quit``."""
         if self.tty:
             self._setup_readline()
-        previous = signal.signal(signal.SIGUSR1, self._wake) if _in_main_thread() else None
-        reader = threading.Thread(target=self._read_loop, name="qmp-reader", daemon=True)
-        reader.start()
+        restore = self._watch_socket() if self.tty else None
         last = None
         try:
             while True:
@@ -252,75 +273,119 @@ class Prompt:
                 if message is None:
                     continue
                 last = message.get("execute")
-                try:
-                    self.session.send(message)
-                except QMPSessionClosed:
-                    pass  # the reader reports it
-                if self._wait_reply() is None:
+                if not self._execute(message):
                     return 0 if last == "quit" else 1
         finally:
+            if restore is not None:
+                restore()
             self._save_history()
-            if previous is not None:
-                signal.signal(signal.SIGUSR1, previous)
+
+    # -- the socket --------------------------------------------------------
+
+    def _watch_socket(self):
+        """SIGIO when the socket becomes readable; returns what undoes it."""
+        fd = self.session.sock.fileno()
+        previous = signal.signal(signal.SIGIO, self._on_sigio)
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_ASYNC)
+
+        def restore():
+            if self.session.sock is not None:
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+            signal.signal(signal.SIGIO, previous)
+        return restore
+
+    def _on_sigio(self, signum, frame):
+        if self._at_prompt and not self._reading:
+            self._print_arrivals()
+            if self._ended is not None:
+                raise _Ended()      # out of input(): the session is over
+
+    def _print_arrivals(self):
+        """Print whatever the VM sent meanwhile (never blocks)."""
+        self._reading = True
+        try:
+            while True:
+                try:
+                    messages = self.session.poll()
+                except QMPSessionError as e:
+                    self._end(str(e))
+                    return
+                for message in messages:
+                    is_event = isinstance(message, dict) and "event" in message
+                    self._print_async(format_event(message) if is_event else format_reply(message))
+                # Bytes that came while we read raised no SIGIO we acted on: look again.
+                if not select.select([self.session.sock], [], [], 0)[0]:
+                    return
+        finally:
+            self._reading = False
+
+    def _execute(self, message):
+        """Send `message` and print what comes up to its reply; False once the session ended."""
+        self._reading = True
+        try:
+            self.session.send(message)
+            reply = self.session.reply(on_event=lambda event: self._print(format_event(event)))
+        except KeyboardInterrupt:
+            self._print_err("vmctl: not waiting; the reply will be printed when it comes")
+            return True
+        except (QMPSessionError, TimeoutError) as e:
+            self._end(str(e))
+            return False
+        finally:
+            self._reading = False
+        self._print(format_reply(reply))
+        return True
+
+    def _end(self, why):
+        if self._ended is None:
+            self._ended = why
+            self._print_async("vmctl: %s%s" % (self.name + ": " if self.name else "", why), err=True)
+
+    # -- input ---------------------------------------------------------------
 
     def _input(self):
-        with self._lock:
+        if self._ended is not None:
+            raise _Ended()
+        if not self.tty:
+            return self._read_line()
+        self._at_prompt = True
+        try:
+            self._print_arrivals()      # what came before SIGIO was armed, or between prompts
             if self._ended is not None:
                 raise _Ended()
-            self._at_prompt = True
-        try:
-            if self.tty:
-                return input(self.prompt)
-            line = self.stdin.readline()
-            if not line:
-                raise EOFError
-            return line
+            return input(self.prompt)
         finally:
             self._at_prompt = False
 
-    def _wait_reply(self):
-        """The reply to what was just sent (the reader printed it), or None
-        once the session has ended."""
-        with self._reply_ready:
-            while not self._replies and self._ended is None:
-                try:
-                    self._reply_ready.wait()
-                except KeyboardInterrupt:
-                    self._print_err("vmctl: not waiting; the reply will be printed when it comes")
-                    return {}
-            return self._replies.pop(0) if self._replies else None
+    def _read_line(self):
+        """The next line of a non-terminal stdin, printing events while it does not come."""
+        fd = self.stdin.fileno()
+        with selectors.DefaultSelector() as selector:
+            selector.register(fd, selectors.EVENT_READ, "stdin")
+            selector.register(self.session.sock, selectors.EVENT_READ, "vm")
+            while b"\n" not in self._stdin_buffer:
+                for key, _ in selector.select():
+                    if key.data == "vm":
+                        self._print_arrivals()
+                        if self._ended is not None:
+                            raise _Ended()
+                    else:
+                        data = os.read(fd, 65536)
+                        if not data:
+                            if not self._stdin_buffer:
+                                raise EOFError
+                            self._stdin_buffer += b"\n"
+                        self._stdin_buffer += data
+        line, _, self._stdin_buffer = self._stdin_buffer.partition(b"\n")
+        return line.decode("utf-8", "replace")
 
-    def _read_loop(self):
-        try:
-            while True:
-                message = self.session.read_message(timeout=None)
-                if isinstance(message, dict) and "event" in message:
-                    self._print_async(format_event(message))
-                else:
-                    self._print(format_reply(message))
-                    with self._reply_ready:
-                        self._replies.append(message)
-                        self._reply_ready.notify()
-        except (QMPSessionError, TimeoutError) as e:
-            why = str(e)
-        except Exception as e:   # noqa: BLE001 - the prompt must learn of it
-            why = "QMP session failed: %r" % e
-        with self._reply_ready:
-            self._ended = why
-            self._reply_ready.notify()
-            at_prompt = self._at_prompt
-        self._print_async("vmctl: %s%s" % (self.name + ": " if self.name else "", why), err=True)
-        if at_prompt and _in_main_thread_available():
-            signal.pthread_kill(self._main, signal.SIGUSR1)
-
-    def _wake(self, signum, frame):
-        if self._at_prompt and self._ended is not None:
-            raise _Ended()
+    # -- output --------------------------------------------------------------
 
     def _print(self, text):
-        with self._lock:
-            self.stdout.write(text + "\n")
-            self.stdout.flush()
+        self.stdout.write(text + "\n")
+        self.stdout.flush()
 
     def _print_err(self, text):
         self.stderr.write(text + "\n")
@@ -329,16 +394,15 @@ class Prompt:
     def _print_async(self, text, err=False):
         """Print while the user may be typing: redraw the prompt and their line."""
         stream = self.stderr if err else self.stdout
-        with self._lock:
-            if self.tty and self._at_prompt and self._readline is not None:
-                stream.write("\r\x1b[K" + text + "\n")
-                stream.flush()
-                if self._ended is None:
-                    self.stdout.write(self.prompt + self._readline.get_line_buffer())
-                    self.stdout.flush()
-            else:
-                stream.write(text + "\n")
-                stream.flush()
+        if self.tty and self._at_prompt and self._readline is not None:
+            stream.write("\r\x1b[K" + text + "\n")
+            stream.flush()
+            if self._ended is None:
+                self.stdout.write(self.prompt + self._readline.get_line_buffer())
+                self.stdout.flush()
+        else:
+            stream.write(text + "\n")
+            stream.flush()
 
     def _setup_readline(self):
         try:
@@ -378,14 +442,6 @@ class Prompt:
             self._print_err("vmctl: cannot save the QMP history to %s: %s" % (self.history, e.strerror))
 
 
-def _in_main_thread():
-    return threading.current_thread() is threading.main_thread()
-
-
-def _in_main_thread_available():
-    return threading.main_thread().is_alive() and hasattr(signal, "pthread_kill")
-
-
 # ------------------------------------------------------------------- the verb
 
 def add_arguments(parser):
@@ -398,83 +454,42 @@ def add_arguments(parser):
                              "it may span several words")
 
 
-def _address(ctx, name):
-    address = getattr(ctx, "address", None)
-    if address:
-        return address
-    resolve = getattr(ctx, "resolve", None)
-    if callable(resolve):
-        return resolve(name)
-    target = ctx.targets([name])[0]      # vmctl's Context
-    if target.error is not None:
-        raise target.error
-    return target.address
-
-
-def _report(ctx, name, error):
-    """``vmctl: NAME: message`` on stderr (through vmctl's ctx.report when
-    there is one); returns the exit status 1."""
-    if type(error).__name__ == "CLIError":       # vmctl's own: it knows how to name the VM
-        if error.name is None and not error.named:
-            error.name = name
-        message = error
-    else:
-        message = "%s%s" % (name + ": " if name else "", error)
-    report = getattr(ctx, "report", None)
-    if callable(report):
-        report(message)
-    else:
-        sys.stderr.write("vmctl: %s\n" % message)
-        sys.stderr.flush()
-    return 1
-
-
 def run(args, ctx):
     words = [w for w in (args.name, args.command) if w is not None] + list(args.arguments)
-    if getattr(ctx, "address", None):
-        name = None
-    elif not words:
-        usage = getattr(ctx, "usage_error", None)
-        if callable(usage):
-            usage("no VM NAME given (or use --address SOCKET)")
-        sys.stderr.write("vmctl qmp: no VM NAME given\n")
-        return 2
-    else:
-        name = words.pop(0)
-    timeout = getattr(ctx, "timeout", None)
-    address = None
+    names = [] if ctx.address else words[:1]
+    words = words if ctx.address else words[1:]
+    target = ctx.targets(names)[0]          # usage error (exit 2) without a NAME or --address
+    if target.error is not None:
+        ctx.report(target.error)
+        return 1
     try:
-        address = _address(ctx, name)
-        session = QMPSession.acquire(address, timeout=timeout)
-    except Exception as e:  # noqa: BLE001 - reported as vmctl reports the others
-        return _report(ctx, name, _translate(ctx, e, address))
+        session = QMPSession.acquire(target.address, timeout=ctx.timeout)
+    except (OSError, VarlinkError) as e:
+        return _fail(ctx, target, ctx.translate(e, target.address, method=ACQUIRE))
     with session:
         try:
             session.negotiate()
-            if words:
-                try:
-                    message = parse_input(" ".join(words))
-                except ValueError as e:
-                    return _report(ctx, name, e)
-                reply = session.execute(message, timeout=timeout)
-                pretty = getattr(ctx, "json", None) != "short"
-                stdout = getattr(ctx, "stdout", None) or sys.stdout
-                stdout.write(format_reply(reply, pretty) + "\n")
-                stdout.flush()
-                return 1 if is_error(reply) else 0
-            session.timeout = None
-            return Prompt(session, name=name or "").run()
+            if not words:
+                session.timeout = None
+                return Prompt(session, name=target.name).run()
+            try:
+                message = parse_input(" ".join(words))
+            except ValueError as e:
+                return _fail(ctx, target, e)
+            reply = session.execute(message, timeout=ctx.timeout)
+            ctx.stdout.write(format_reply(reply, pretty=ctx.json != "short") + "\n")
+            ctx.stdout.flush()
+            return 1 if is_error(reply) else 0
         except (QMPSessionError, TimeoutError) as e:
-            return _report(ctx, name, e)
+            return _fail(ctx, target, e)
 
 
-def _translate(ctx, error, address):
-    """vmctl's wording for connection and varlink errors, when it has one."""
-    translate = getattr(ctx, "translate", None)
-    if callable(translate) and isinstance(error, (OSError, VarlinkError)) and address:
-        return translate(error, address, method=ACQUIRE)
-    if isinstance(error, VarlinkError):
-        return "cannot acquire QMP: %s" % error
-    if isinstance(error, OSError) and error.strerror:
-        return "%s: %s" % (address or "cannot connect", error.strerror)
-    return error
+def _fail(ctx, target, error):
+    """``vmctl: NAME: message``; the exit status 1."""
+    if isinstance(error, CLIError):
+        if error.name is None and not error.named:
+            error.name = target.name
+    else:
+        error = CLIError(str(error), name=target.name)
+    ctx.report(error)
+    return 1
