@@ -74,7 +74,7 @@ def machine_errors(machine: Machine):
 def storage_errors(machine: Machine):
     """StorageErrors as io.systemd.MachineInstance errors (or io.systemd.System errnos);
     the rest as machine_errors does."""
-    from vmbridge.machine.setup import StorageError
+    from vmbridge.machine.storage import StorageError
 
     with machine_errors(machine):
         try:
@@ -139,21 +139,21 @@ class MachineInstance:
         fd = call.take_fd(call.parameters["fileDescriptorIndex"], "fileDescriptorIndex")
         try:
             with storage_errors(self.machine):
-                self.machine.devices.add_storage(call.parameters["name"], call.parameters.get("config"), fd)
+                self.machine.storage.add_storage(call.parameters["name"], call.parameters.get("config"), fd)
         finally:
             os.close(fd)
         return {}
 
     def RemoveStorage(self, call):
         with storage_errors(self.machine):
-            self.machine.devices.remove_storage(call.parameters["name"])
+            self.machine.storage.remove_storage(call.parameters["name"])
         return {}
 
     def ReplaceStorage(self, call):
         fd = call.take_fd(call.parameters["fileDescriptorIndex"], "fileDescriptorIndex")
         try:
             with storage_errors(self.machine):
-                self.machine.devices.replace_storage(call.parameters["name"], fd)
+                self.machine.storage.replace_storage(call.parameters["name"], fd)
         finally:
             os.close(fd)
         return {}

@@ -124,12 +124,16 @@ class Machine:
         self._settled = gevent.event.Event()  # set whenever the state is not `starting`
         self._settled.set()
         self._resources = contextlib.ExitStack()  # what lives exactly as long as QEMU
-        self.devices = self._new_devices()  # the device plane's bookkeeping (machine/setup.py)
+        # The device plane's bookkeeping (machine/setup.py) and storage hotplug on it (machine/storage.py)
+        self.devices, self.storage = self._new_devices()
 
     def _new_devices(self):
+        """A fresh device record and storage hotplug for one run."""
         from vmbridge.machine.setup import DeviceState
+        from vmbridge.machine.storage import StorageHotplug
 
-        return DeviceState(self)
+        devices = DeviceState(self)
+        return devices, StorageHotplug(devices)
 
     # ------------------------------------------------------------------ state
 
@@ -236,7 +240,7 @@ class Machine:
         self.error = self.shutdown_reason = self.exit_info = None
         self.qemu_status, self.qemu_running = "unknown", False
         self.events = EventHub()
-        self.devices = self._new_devices()
+        self.devices, self.storage = self._new_devices()
         self._gone.clear()
         self._set_state(MachineState.STARTING)
         try:
@@ -477,7 +481,7 @@ class Machine:
         elif (name, data.get("action")) in _STOP_REASONS:
             self._pending_stop_status = _STOP_REASONS[(name, data.get("action"))]
         elif name == "DEVICE_DELETED":
-            self.devices.on_event(event)
+            self.storage.on_event(event)
         if len(self.events):
             self.events.publish(MachineEvent(event.name, event.data, event.timestamp))
 
