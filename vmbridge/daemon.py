@@ -31,7 +31,7 @@ import greenlet  # noqa: E402  (gevent's own dependency)
 import psutil  # noqa: E402
 
 from vmbridge import __version__  # noqa: E402
-from vmbridge import systemd  # noqa: E402
+from vmbridge import paths, systemd  # noqa: E402
 from vmbridge.machine import ConfigError, MachineConfig  # noqa: E402
 from vmbridge.manager import MANAGER_SOCKET, Manager, build_manager_service  # noqa: E402
 from vmbridge.varlink import Server, VarlinkError  # noqa: E402
@@ -40,14 +40,12 @@ log = logging.getLogger("vmbridge.daemon")
 
 
 def default_runtime_dir() -> str:
-    if os.environ.get("RUNTIME_DIRECTORY"):
+    if os.environ.get("RUNTIME_DIRECTORY"):  # systemd's RuntimeDirectory=
         return os.environ["RUNTIME_DIRECTORY"].split(":")[0]
-    if os.getuid() == 0:
-        return "/run/vmbridge"
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if not xdg:
+    path = paths.default_runtime_dir()
+    if path is None:
         raise SystemExit("vmbridged: $XDG_RUNTIME_DIR is not set; pass --runtime-dir")
-    return os.path.join(xdg, "vmbridge")
+    return path
 
 
 def default_config_dir() -> str:

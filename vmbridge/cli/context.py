@@ -24,6 +24,7 @@ import os
 import sys
 import time
 
+from vmbridge import paths
 from vmbridge.varlink.client import (Connection, VarlinkConnectError, VarlinkDisconnected,
                                      VarlinkError, VarlinkProtocolError)
 
@@ -105,14 +106,8 @@ def address_label(address):
 
 
 def default_runtime_dir():
-    """Where vmbridged puts its sockets (as the daemon chooses it), or None."""
-    if os.environ.get("VMBRIDGE_RUNTIME_DIR"):
-        return os.environ["VMBRIDGE_RUNTIME_DIR"]
-    if os.getuid() == 0:
-        return "/run/vmbridge"
-    if os.environ.get("XDG_RUNTIME_DIR"):
-        return os.path.join(os.environ["XDG_RUNTIME_DIR"], "vmbridge")
-    return None
+    """Where vmbridged puts its sockets ($VMBRIDGE_RUNTIME_DIR, else as the daemon chooses), or None."""
+    return os.environ.get("VMBRIDGE_RUNTIME_DIR") or paths.default_runtime_dir()
 
 
 class Context:
