@@ -330,6 +330,8 @@ class Bench:
             ep.register(cfd, select.EPOLLIN)
             buffers = [b""] * clients
             latencies: list[float] = []
+            per_round: list[dict] = []
+            warmup_max: list[float] = []
             clock = time.perf_counter
             cpu0, dcpu0, wall = time.process_time(), daemon.cpu_seconds(), 0.0
 
@@ -363,11 +365,16 @@ class Bench:
                 if b'"error"' in reply:
                     raise RuntimeError(f"fan-out: {call[:60]!r} failed: {reply[:300]!r}")
                 wall += clock() - t0
+                if not measure:
+                    warmup_max.append(max(got) - t0)
                 if measure:
                     latencies.extend(x - t0 for x in got)
+                    ordered = sorted(x - t0 for x in got)
+                    per_round.append({"first_us": ordered[0] * 1e6, "p50_us": ordered[len(ordered) // 2] * 1e6,
+                                      "last_us": ordered[-1] * 1e6})
 
-            for _ in range(rounds):
-                phase(pause, b'"STOP"', True)
+            for round_ in range(rounds + 1):
+                phase(pause, b'"STOP"', round_ > 0)  # round 0 warms up; its max is kept apart
                 time.sleep(0.02)
                 phase(resume, b'"RESUME"', False)
                 time.sleep(0.05)
@@ -380,7 +387,8 @@ class Bench:
                 s.close()
         out = summary_us(latencies)
         out.update(clients=clients, rounds=rounds, client_cpu_s=client_cpu, daemon_cpu_s=daemon_cpu,
-                   busy_wall_s=wall, client_busy_fraction=client_cpu / wall if wall else None)
+                   busy_wall_s=wall, client_busy_fraction=client_cpu / wall if wall else None,
+                   per_round=per_round, warmup_round_max_us=warmup_max[0] * 1e6 if warmup_max else None)
         return out
 
     def fig_fanout(self, daemon: Daemon, path: str) -> None:
@@ -390,8 +398,12 @@ class Bench:
         many = self._fanout(daemon, path, n, self.cfg["fanout_rounds"])
         time.sleep(1.0)  # let the daemon see 1000 hang-ups before the next figure
         self.figures["fanout"] = {"single": single, "many": many}
+        deliveries = 2 * (many["rounds"] + 1) * many["clients"]  # STOP and RESUME, warm-up round too
+        many["daemon_cpu_per_delivery_us"] = many["daemon_cpu_s"] / deliveries * 1e6
         note = (f"measuring client busy {many['client_busy_fraction'] * 100:.0f}% of the "
-                f"{many['busy_wall_s']:.2f} s it waited; daemon CPU {many['daemon_cpu_s']:.2f} s")
+                f"{many['busy_wall_s']:.2f} s it waited; daemon CPU {many['daemon_cpu_s']:.2f} s, "
+                f"{many['daemon_cpu_per_delivery_us']:.1f} us per event delivered; the unmeasured first "
+                f"(warm-up) round's max {us(many['warmup_round_max_us'])}")
         for q in ("p50", "p99", "max"):
             target, met = ("<= 20 ms", many["p99_us"] <= 20000) if q == "p99" else ("", None)
             self.add(Row(f"event fan-out {n} clients, Pause->STOP {q}", us(many[f"{q}_us"]),
