@@ -19,7 +19,7 @@ import logging
 from vmbridge import __version__
 from vmbridge.machine import (Machine, MachineCommandError, MachineError, MachineNotConnected,
                               MachineTimeout)
-from vmbridge.varlink import Service, VarlinkError, interface_text
+from vmbridge.varlink import Service, SharedReply, VarlinkError, interface_text
 
 log = logging.getLogger("vmbridge.control")
 
@@ -59,6 +59,7 @@ class MachineInstance:
 
     def __init__(self, machine: Machine):
         self.machine = machine
+        self._last_event_reply = (None, None)  # (MachineEvent, its SharedReply)
 
     def _run(self, operation) -> dict:
         with machine_errors(self.machine):
@@ -89,16 +90,28 @@ class MachineInstance:
                                                      on_drop=call.connection.close)
         return self._stream(subscription)
 
-    @staticmethod
-    def _stream(subscription):
+    def _stream(self, subscription):
         with subscription:
             yield {"event": "READY"}
             for event in subscription:
-                reply = {"event": event.name}
-                if event.data is not None:
-                    reply["data"] = event.data
-                yield reply
+                yield self._event_reply(event)
         # The VM is gone: returning nothing closes the connection, as systemd does.
+
+    def _event_reply(self, event) -> SharedReply:
+        """The reply for `event`, shared by every subscriber of this VM.
+
+        All subscribers get the same MachineEvent object from the hub, so
+        one slot suffices: the reply is encoded once per event, not once per
+        subscriber (1000 subscribers: 1000 encodings saved per event).
+        """
+        last_event, reply = self._last_event_reply
+        if last_event is not event:
+            parameters = {"event": event.name}
+            if event.data is not None:
+                parameters["data"] = event.data
+            reply = SharedReply(parameters)
+            self._last_event_reply = (event, reply)
+        return reply
 
     def AddStorage(self, call):
         raise VarlinkError(f"{MACHINE_INSTANCE}.NotSupported")

@@ -12,7 +12,7 @@ import gevent
 
 from . import protocol
 from .protocol import VarlinkError
-from .service import Call, Upgrade, errno_error
+from .service import Call, SharedReply, Upgrade, errno_error
 
 log = logging.getLogger("vmbridge.varlink")
 
@@ -287,6 +287,18 @@ class _Connection:
 
     def _reply(self, call, parameters, continues=False):
         """Send one reply; a handler bug (not a dict) becomes an EIO error."""
+        if isinstance(parameters, SharedReply):
+            try:
+                data, bad = parameters.encoded(call.definition, continues)
+            except (TypeError, ValueError):
+                # Not encodable: _send() reports it as for any reply.
+                self._send(call, protocol.reply_message(parameters.parameters, continues))
+                return True
+            if bad is not None:
+                log.warning("varlink: reply to %s does not match its IDL on "
+                            "field '%s', sending it anyway", call.method, bad)
+            self._send(call, None, data)
+            return True
         if parameters is not None and not isinstance(parameters, Mapping):
             log.error("varlink: %s returned %r, not a dict", call.method, parameters)
             self._send_error(call, VarlinkError.from_errno(errno.EIO))
@@ -386,11 +398,13 @@ class _Connection:
         if not call.oneway:
             self._send(call, error.to_message())
 
-    def _send(self, call, message):
+    def _send(self, call, message, data=None):
+        """Send ``message``, or ``data`` when it is already encoded."""
         fds = call.take_reply_fds()
         try:
             try:
-                data = protocol.encode_message(message)
+                if data is None:
+                    data = protocol.encode_message(message)
             except (TypeError, ValueError) as e:
                 log.error("varlink: %s: cannot encode reply to %s: %s",
                           self.description, call.method, e)
@@ -405,8 +419,21 @@ class _Connection:
                 data = protocol.encode_message(VarlinkError.from_errno(errno.ENOBUFS).to_message())
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("varlink: sending to %s: %s%s", self.description,
-                          protocol.describe_message(message),
+                          protocol.describe_message(message) if message is not None
+                          else data[:-1].decode("utf-8", "replace"),
                           " (+%d fds)" % len(fds) if fds else "")
+            if not fds:
+                # Fast path: a reply usually fits the socket buffer at once.
+                # timeout=0.0 makes gevent's send() raise instead of waiting,
+                # so no Timeout needs arming, and sendall()'s getsockopt()
+                # per call is skipped; what did not fit goes the slow way.
+                try:
+                    sent = self._sock.send(data, 0, 0.0)
+                except BlockingIOError:
+                    sent = 0
+                if sent == len(data):
+                    return
+                data = memoryview(data)[sent:]
             with gevent.Timeout(self._server.send_timeout, _SendTimeout):
                 if fds:
                     sent = self._sock.sendmsg(
