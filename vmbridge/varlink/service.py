@@ -46,7 +46,7 @@ import errno
 import logging
 
 from . import protocol
-from .idl import InterfaceDefinition
+from .idl import parse_interface
 from .protocol import VarlinkError
 
 log = logging.getLogger("vmbridge.varlink")
@@ -237,7 +237,7 @@ class Service:
         only. Re-adding io.systemd replaces the built-in copy; any other
         duplicate, and org.varlink.service, raise ValueError.
         """
-        definition = InterfaceDefinition(idl_text)
+        definition = parse_interface(idl_text)
         if definition.name == protocol.SERVICE_INTERFACE:
             raise ValueError("org.varlink.service is built in")
         if definition.name in self._interfaces \
@@ -247,7 +247,7 @@ class Service:
         return definition
 
     def _add(self, idl_text, handler, definition=None):
-        definition = definition or InterfaceDefinition(idl_text)
+        definition = definition or parse_interface(idl_text)
         missing = [m for m in definition.methods
                    if not callable(getattr(handler, m, None))]
         if missing:
