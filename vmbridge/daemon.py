@@ -102,6 +102,7 @@ class Daemon:
         self.runtime_dir = prepare_runtime_dir(args.runtime_dir or default_runtime_dir())
         self.notifier = systemd.Notifier()
         self.stopping = gevent.event.Event()
+        self._last_status = None
         self.manager = Manager(self.runtime_dir, args.config_dir or default_config_dir(),
                                command_timeout=args.qmp_timeout, on_change=self.report_status)
         listen = manager_listen_socket()
@@ -110,10 +111,15 @@ class Daemon:
                              mode=0o600)
 
     def report_status(self) -> None:
-        if self.stopping.is_set():
+        # Called on every state change of every VM (each Pause and Resume):
+        # count only when systemd listens, and tell it only what changed.
+        if self.stopping.is_set() or not self.notifier.enabled:
             return
         running = sum(1 for e in self.manager.entries.values() if e.machine.state.active)
-        self.notifier.notify(f"STATUS={running} VM{'s' if running != 1 else ''} running")
+        status = f"STATUS={running} VM{'s' if running != 1 else ''} running"
+        if status != self._last_status:
+            self._last_status = status
+            self.notifier.notify(status)
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
