@@ -26,7 +26,9 @@ from varlink_stdlib import Connection, call
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VMBRIDGED = os.path.join(ROOT, "bin", "vmbridged")
 MARK_VAR = "VMBRIDGE_BENCH_MARK"
-RUN_MARK = uuid.uuid4().hex
+# A helper process of the bench (relay_floor.py) keeps its parent's mark, so
+# what it starts is found and ended by the same kill_marked().
+RUN_MARK = os.environ.get(MARK_VAR) or uuid.uuid4().hex
 MANAGER = "io.vmbridge.Manager"
 
 
@@ -104,6 +106,7 @@ class RawQMP:
                 *qemu.monitor_args("qmp")]
         try:
             self.proc = subprocess.Popen(argv, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                          env=bench_env(), start_new_session=True)
         except BaseException:
             ours.close()

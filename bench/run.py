@@ -275,25 +275,53 @@ class Bench:
 
     def fig_pause(self, path: str, floor: RawQMP) -> None:
         pause, resume = request(f"{MI}.Pause"), request(f"{MI}.Resume")
-        with Connection(path) as conn:
-            assert json.loads(conn.roundtrip_raw(pause)) == {}
-            assert json.loads(conn.roundtrip_raw(resume)) == {}
+        relay_dir = tempfile.mkdtemp(prefix="vmb-relay-", dir="/tmp")
+        relay_path = os.path.join(relay_dir, "relay")
+        relay_proc = subprocess.Popen([sys.executable, os.path.join(BENCH_DIR, "relay_floor.py"), relay_path,
+                                       self.qemu.path], stdout=subprocess.PIPE, text=True, env=bench_env(),
+                                      stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            if relay_proc.stdout.readline().strip() != "ready":
+                raise RuntimeError("bench/relay_floor.py did not start")
+            with Connection(path) as conn, Connection(relay_path) as relay:
+                assert json.loads(conn.roundtrip_raw(pause)) == {}
+                assert json.loads(conn.roundtrip_raw(resume)) == {}
 
-            def pair():
-                conn.roundtrip_raw(pause)
-                conn.roundtrip_raw(resume)
+                def pair():
+                    conn.roundtrip_raw(pause)
+                    conn.roundtrip_raw(resume)
 
-            def raw_pair():
-                floor.roundtrip(floor.command("stop"))
-                floor.roundtrip(floor.command("cont"))
-            r = self._interleaved({"pair": pair, "floor": raw_pair}, self.cfg["pair_iterations"], warmup=100)
-            assert conn.call(f"{MI}.Describe")["running"] is True
+                def relay_pair():
+                    relay.roundtrip_raw(pause)
+                    relay.roundtrip_raw(resume)
+
+                def raw_pair():
+                    floor.roundtrip(floor.command("stop"))
+                    floor.roundtrip(floor.command("cont"))
+                r = self._interleaved({"pair": pair, "floor": raw_pair, "relay": relay_pair},
+                                      self.cfg["pair_iterations"], warmup=100)
+                assert conn.call(f"{MI}.Describe")["running"] is True
+        finally:
+            # The relay exits (and ends its QEMU) once its client hung up.
+            try:
+                relay_proc.wait(10)
+            except subprocess.TimeoutExpired:
+                relay_proc.kill()
+                relay_proc.wait()
+            relay_proc.stdout.close()
+            shutil.rmtree(relay_dir, ignore_errors=True)
         self.figures["pause"] = r
-        p, f = r["pair"], r["floor"]
+        p, f, rl = r["pair"], r["floor"], r["relay"]
         for q in ("p50", "p99"):
             self.add(Row(f"Pause+Resume pair {q}", us(p[f"{q}_us"]), f"QMP stop+cont {us(f[f'{q}_us'])}",
                          ratio=p[f"{q}_us"] / f[f"{q}_us"], target="<= 1.3x",
-                         met=p[f"{q}_us"] / f[f"{q}_us"] <= 1.3, data=r))
+                         met=p[f"{q}_us"] / f[f"{q}_us"] <= 1.3, data=r,
+                         note="" if q == "p99" else
+                         f"through a blocking stdlib relay process (bench/relay_floor.py) the same pair takes "
+                         f"{us(rl['p50_us'])} p50 ({rl['p50_us'] / f['p50_us']:.2f}x the floor): the cost of any "
+                         f"process in between; vmbridged/relay = {p['p50_us'] / rl['p50_us']:.2f}x"))
+        self.add(Row("Pause+Resume pair p50, minimal relay (reference)", us(rl["p50_us"]),
+                     f"QMP stop+cont {us(f['p50_us'])}", ratio=rl["p50_us"] / f["p50_us"], data=r))
 
     # ------------------------------------------------------------ fan-out
 
@@ -550,20 +578,73 @@ class Bench:
         if errors:
             raise RuntimeError(f"creating {n} VMs failed: {errors[0]}")
 
+    @staticmethod
+    def _parallel_call(paths: list[str], data: bytes) -> float:
+        """One call on a new connection to each socket, all at once; seconds to the last reply."""
+        socks = []
+        try:
+            start = time.perf_counter()
+            for path in paths:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                socks.append(s)
+                s.connect(path)
+                s.sendall(data)
+            with select.epoll(len(socks)) as ep:
+                replies = {}
+                for s in socks:
+                    ep.register(s.fileno(), select.EPOLLIN)
+                    replies[s.fileno()] = (s, b"")
+                pending = len(socks)
+                while pending:
+                    for fd, _mask in ep.poll(30):
+                        s, buf = replies[fd]
+                        chunk = s.recv(4096)
+                        if not chunk:
+                            raise RuntimeError("vmbridged closed a connection without replying")
+                        buf += chunk
+                        replies[fd] = (s, buf)
+                        if buf.endswith(b"\0"):
+                            if buf != b"{}\0":
+                                raise RuntimeError(f"call failed: {buf[:200]!r}")
+                            ep.unregister(fd)
+                            pending -= 1
+            return time.perf_counter() - start
+        finally:
+            for s in socks:
+                s.close()
+
     def fig_bulk(self, daemon: Daemon) -> None:
         n = self.cfg["bulk_vms"]
+        names = [f"vm{i:03d}" for i in range(n)]
+        paths = [daemon.control_socket(name) for name in names]
+        pause, resume = request(f"{MI}.Pause"), request(f"{MI}.Resume")
+        # What the daemon and the QEMUs cost, without any vmctl: a new
+        # connection per VM, every call sent before any reply is read.
+        one, many = [], []
+        for _ in range(self.cfg["bulk_repeats"] + 1):
+            for _ in range(3):
+                one.append(self._parallel_call(paths[:1], pause))
+                self._parallel_call(paths[:1], resume)
+            many.append(self._parallel_call(paths, pause))
+            self._parallel_call(paths, resume)
+        o, m = median(one[3:]), median(many[1:])  # the first round warms up
+        self.figures["bulk_stdlib"] = {"one_s": one[3:], "many_s": many[1:], "vms": n}
+        self.add(Row(f"bulk: Pause of {n} VMs at once, stdlib client, median", ms(m), f"Pause of 1 VM {ms(o)}",
+                     ratio=m / o, data=self.figures["bulk_stdlib"],
+                     note=f"{n} QEMUs each run a stop and vmbridged answers {n} calls on 2 CPUs: "
+                          f"{m / n * 1e6:.0f} us per VM; what vmctl adds to it is its own"))
         figure, baseline, target = f"bulk: vmctl pause of {n} VMs, median", "vmctl pause of 1 VM", "<= 2x"
         if not self.vmctl_available():
             self.skip_vmctl(figure, baseline, target)
             return
-        names = [f"vm{i:03d}" for i in range(n)]
         rt = daemon.runtime_dir
         self.run_vmctl(rt, "pause", names[0])
         self.run_vmctl(rt, "resume", names[0])
         one, many = [], []
         for _ in range(self.cfg["bulk_repeats"]):
-            one.append(self.run_vmctl(rt, "pause", names[0]))
-            self.run_vmctl(rt, "resume", names[0])
+            for _ in range(2):
+                one.append(self.run_vmctl(rt, "pause", names[0]))
+                self.run_vmctl(rt, "resume", names[0])
             many.append(self.run_vmctl(rt, "pause", *names))
             self.run_vmctl(rt, "resume", *names)
         o, m = median(one), median(many)
