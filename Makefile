@@ -10,6 +10,7 @@ GUEST_DIR  := $(CACHE)/guest
 GUEST      := $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/initramfs.img
 RUNTIME_DIR ?= $(CURDIR)/$(CACHE)/run
 PYTEST_ARGS ?=
+ARGS       ?=
 FULL       ?=
 QEMU       ?=
 BENCH_ARGS ?=
@@ -64,7 +65,7 @@ $(GUEST) &: contrib/guest/build-guest contrib/guest/init
 	$(PYTHON) contrib/guest/build-guest --out $(GUEST_DIR)
 
 run: setup
-	$(VPY) bin/vmbridged --runtime-dir $(RUNTIME_DIR) --demo $(GUEST_DIR) --verbose
+	$(VPY) bin/vmbridged --runtime-dir $(RUNTIME_DIR) --config-dir $(CURDIR)/$(CACHE)/etc --demo $(GUEST_DIR) $(ARGS)
 
 test: setup
 	VMBRIDGE_GUEST_DIR=$(CURDIR)/$(GUEST_DIR) $(VPY) -m pytest -q $(PYTEST_ARGS)

@@ -27,6 +27,10 @@ VMBRIDGED = os.path.join(ROOT, "bin", "vmbridged")
 VMCTL = os.path.join(ROOT, "bin", "vmctl")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# The layer suites' fixtures (QMP client, varlink server), with assertion rewriting.
+pytest.register_assert_rewrite("qemu_helpers", "mock_qmp", "varlink_fixtures", "leak_checks")
+pytest_plugins = ["qemu_helpers", "mock_qmp", "varlink_fixtures"]
+
 
 def marked_processes(mark: str):
     out = []

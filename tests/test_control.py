@@ -94,7 +94,7 @@ def test_getinfo_and_interface_descriptions(daemon):
     ctl = daemon.control_socket("t1")
     info = call(ctl, "org.varlink.service.GetInfo")["parameters"]
     assert info["interfaces"] == ["io.systemd", "io.systemd.MachineInstance", "io.systemd.QemuMachineInstance",
-                                  "io.systemd.VirtualMachineInstance", "org.varlink.service"]
+                                  "io.systemd.VirtualMachineInstance", "io.vmbridge.Console", "org.varlink.service"]
     assert info["product"].startswith("vmbridge")
     idl_dir = os.path.join(os.path.dirname(__file__), "..", "vmbridge", "interfaces")
     for name in info["interfaces"]:

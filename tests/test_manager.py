@@ -10,6 +10,7 @@ import time
 import psutil
 
 from conftest import read_message
+from leak_checks import stable_fd_count
 
 
 def lifecycle_stream(daemon, name=None):
@@ -66,30 +67,18 @@ def test_errors(daemon):
     assert daemon.call("List")["parameters"]["machines"] == []
 
 
-def settled_fd_count(proc: psutil.Process) -> int:
-    """The process's fd count once it stopped changing (connections wind down)."""
-    count = proc.num_fds()
-    for _ in range(100):
-        time.sleep(0.1)
-        now = proc.num_fds()
-        if now == count:
-            return now
-        count = now
-    return count
-
-
 def test_setup_failure_leaves_nothing_behind(daemon):
     daemon_proc = psutil.Process(daemon.proc.pid)
     daemon.create("warmup")  # the first VM pays for one-time work (QEMU probe, imports)
     daemon.call("Terminate", {"name": "warmup"})
-    fds_before = settled_fd_count(daemon_proc)
+    fds_before = stable_fd_count(daemon)
     reply = daemon.call("Create", {"config": {"name": "bad", "machine": "no-such-machine-type"}})
     assert reply["error"] == "io.vmbridge.Manager.SetupFailed"
     assert reply["parameters"]["name"] == "bad"
     assert "unsupported machine type" in reply["parameters"]["message"]  # QEMU's own complaint
     assert not os.path.exists(os.path.join(daemon.runtime_dir, "machines", "bad"))
     assert daemon.call("List")["parameters"]["machines"] == []
-    assert settled_fd_count(daemon_proc) == fds_before
+    assert stable_fd_count(daemon) == fds_before
     assert not daemon.qemu_processes()
     assert not [c for c in daemon_proc.children() if c.status() == psutil.STATUS_ZOMBIE]
 

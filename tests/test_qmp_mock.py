@@ -14,11 +14,9 @@ from vmbridge.qmp import (QMPCommandError, QMPDisconnectedError,
                           QMPProtocolError, QMPTimeoutError, State)
 
 # Shared test modules: rewrite their asserts too (before importing them).
-pytest.register_assert_rewrite("qemu_helpers", "mock_qmp")
 from mock_qmp import GREETING, establish, make_pair
 from qemu_helpers import TIMEOUT
 
-pytest_plugins = ["qemu_helpers", "mock_qmp"]  # fixtures: no_leaks, mock_qmp
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
 

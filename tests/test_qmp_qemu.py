@@ -13,10 +13,8 @@ from vmbridge.qmp import transport
 from vmbridge.qmp.schema import KNOWN_TYPES
 
 # Shared test modules: rewrite their asserts too (before importing them).
-pytest.register_assert_rewrite("qemu_helpers")
 from qemu_helpers import TIMEOUT, kill_qemu, spawn_qemu_unix
 
-pytest_plugins = ["qemu_helpers"]  # fixtures: no_leaks, qemu_qmp, qemu_client
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
 

@@ -57,7 +57,7 @@ def test_sigkilled_daemon_adopts_running_and_paused_vms(daemon):
 
 def test_gone_and_reused_pids_are_not_adopted(daemon):
     a = daemon.create("gone")
-    b = daemon.create("reused")
+    daemon.create("reused")
     daemon.proc.send_signal(signal.SIGKILL)
     daemon.proc.wait()
     os.kill(a["pid"], signal.SIGKILL)
@@ -82,3 +82,39 @@ def test_gone_and_reused_pids_are_not_adopted(daemon):
         impostor.kill()
         impostor.wait()
     assert raw_call(daemon.manager_socket, {"method": "org.varlink.service.GetInfo", "parameters": {}})
+
+
+def test_keep_vms_on_sigterm(daemon_factory):
+    daemon = daemon_factory(extra_args=["--keep-vms"])
+    pid = daemon.create("kept")["pid"]
+    assert daemon.stop() == 0
+    time.sleep(2.5)  # longer than the grace a lost QMP connection gets before QEMU is ended
+    assert psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    daemon.start()
+    assert daemon.call("List")["parameters"]["machines"][0]["pid"] == pid
+    assert call(daemon.control_socket("kept"), "io.systemd.MachineInstance.Terminate") == {}
+
+
+def test_restart_detection_reads_systemds_job():
+    from vmbridge.systemd import restart_pending, unit_from_cgroup
+
+    class Ran:
+        def __init__(self, stdout):
+            self.stdout = stdout
+
+    cgroup = "0::/system.slice/vmbridged.service\n"
+    assert unit_from_cgroup(cgroup) == ("vmbridged.service", False)
+    assert unit_from_cgroup("0::/user.slice/user-1000.slice/user@1000.service/app.slice/vmbridged.service\n") \
+        == ("vmbridged.service", True)
+    jobs = "1234 vmbridged.service restart running\n1235 other.service start waiting\n"
+    seen = []
+
+    def run(argv, **kwargs):
+        seen.append(argv)
+        return Ran(jobs)
+
+    assert restart_pending(cgroup_text=cgroup, run=run)
+    assert seen[0][:2] == ["systemctl", "list-jobs"]
+    jobs = "1234 vmbridged.service stop running\n"
+    assert not restart_pending(cgroup_text=cgroup, run=run)
+    assert not restart_pending(cgroup_text="0::/\n", run=run)

@@ -15,13 +15,11 @@ import gevent.socket
 import gevent.subprocess
 import pytest
 
-pytest.register_assert_rewrite("varlink_fixtures")
 from varlink_fixtures import (
     MACHINE, FakeMachine, TestHandler, machine_service, make_test_service,
     open_fds, wait_for)
 from vmbridge.varlink import VarlinkError
 
-pytest_plugins = ["varlink_fixtures"]    # serve, raw_clients, socket_dir, ...
 
 T = "org.example.test."
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,6 +140,11 @@ def test_call_upgrade_hands_over_the_socket(serve, connect):
         assert data == b"upgraded:"
         sock.sendall(b"shout")
         assert sock.recv(100) == b"SHOUT"
+    # return_reply: the reply's parameters as well.
+    c = connect(c.address)
+    sock, pending, reply = c.call_upgrade(T + "Raw", return_reply=True)
+    sock.close()
+    assert reply == {}
 
 
 def test_fds_both_ways(serve, connect):

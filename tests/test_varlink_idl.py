@@ -2,7 +2,6 @@
 
 import pytest
 
-pytest.register_assert_rewrite("varlink_fixtures")
 from varlink_fixtures import TEST_IDL, TestHandler, make_test_service
 from vmbridge.varlink import (Call, InterfaceDefinition, Service, VarlinkError,
                               interface_text)

@@ -14,12 +14,10 @@ import gevent
 import gevent.socket
 import pytest
 
-pytest.register_assert_rewrite("varlink_fixtures")
 from varlink_fixtures import (
     RawClient, TestHandler, machine_service, make_test_service, open_fds, wait_for)
 from vmbridge.varlink import Server, SharedReply
 
-pytest_plugins = ["varlink_fixtures"]    # serve, raw_clients, socket_dir, ...
 
 T = "org.example.test."
 

@@ -10,11 +10,9 @@ import json
 
 import pytest
 
-pytest.register_assert_rewrite("varlink_fixtures")
 from varlink_fixtures import MACHINE, FakeMachine, machine_service
 from vmbridge.varlink import interface_text
 
-pytest_plugins = ["varlink_fixtures"]    # serve, raw_clients, socket_dir, ...
 
 GET_INFO = [(
     '{"method":"org.varlink.service.GetInfo","parameters":{}}',

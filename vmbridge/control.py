@@ -8,6 +8,9 @@ One deliberate addition: every SubscribeEvents stream ends with an
 ``EXITED`` event (``data``: ``reason``, and ``exitStatus`` or ``signal``)
 right before the connection closes, so a subscriber learns why the VM went
 away - also when QEMU was killed and could not say SHUTDOWN itself.
+
+vmbridge's own interface on the same socket: ``io.vmbridge.Console`` (the
+serial console; see its IDL and docs/console.md).
 """
 
 from __future__ import annotations
@@ -15,15 +18,21 @@ from __future__ import annotations
 import contextlib
 import errno as errno_mod
 import logging
+import os
+
+import gevent
 
 from vmbridge import __version__
 from vmbridge.machine import (Machine, MachineCommandError, MachineError, MachineNotConnected,
                               MachineTimeout)
-from vmbridge.varlink import Service, SharedReply, VarlinkError, interface_text
+from vmbridge.machine.console import ConsoleClosed, ConsoleError, WriterPresent
+from vmbridge.varlink import Service, SharedReply, Upgrade, VarlinkError, interface_text
 
 log = logging.getLogger("vmbridge.control")
 
 MACHINE_INSTANCE = "io.systemd.MachineInstance"
+CONSOLE = "io.vmbridge.Console"
+CONSOLE_CLOSE_GRACE = 2.0   # how long a closed viewer's last bytes may take to leave
 PRODUCT = "vmbridge (vmbridged)"
 VENDOR = "The vmbridge Project"
 URL = "https://github.com/vmbridge/vmbridge"
@@ -52,6 +61,22 @@ def machine_errors(machine: Machine):
     except MachineError as e:
         log.warning("%s: %s", machine.name, e)
         raise system_error(errno_mod.EIO) from e
+
+
+@contextlib.contextmanager
+def storage_errors(machine: Machine):
+    """StorageErrors as io.systemd.MachineInstance errors (or io.systemd.System errnos);
+    the rest as machine_errors does."""
+    from vmbridge.machine.setup import StorageError
+
+    with machine_errors(machine):
+        try:
+            yield
+        except StorageError as e:
+            log.warning("%s: %s", machine.name, e)
+            if e.varlink_error is not None:
+                raise VarlinkError(f"{MACHINE_INSTANCE}.{e.varlink_error}") from e
+            raise system_error(e.errno or errno_mod.EIO) from e
 
 
 class MachineInstance:
@@ -113,14 +138,31 @@ class MachineInstance:
             self._last_event_reply = (event, reply)
         return reply
 
+    # Storage hotplug (docs/storage.md). The fd comes with the call (SCM_RIGHTS);
+    # the drive gets vmbridged's own duplicate, so the call's copy is closed here.
+
     def AddStorage(self, call):
-        raise VarlinkError(f"{MACHINE_INSTANCE}.NotSupported")
+        fd = call.take_fd(call.parameters["fileDescriptorIndex"], "fileDescriptorIndex")
+        try:
+            with storage_errors(self.machine):
+                self.machine.devices.add_storage(call.parameters["name"], call.parameters.get("config"), fd)
+        finally:
+            os.close(fd)
+        return {}
 
     def RemoveStorage(self, call):
-        raise VarlinkError(f"{MACHINE_INSTANCE}.NotSupported")
+        with storage_errors(self.machine):
+            self.machine.devices.remove_storage(call.parameters["name"])
+        return {}
 
     def ReplaceStorage(self, call):
-        raise VarlinkError(f"{MACHINE_INSTANCE}.NotSupported")
+        fd = call.take_fd(call.parameters["fileDescriptorIndex"], "fileDescriptorIndex")
+        try:
+            with storage_errors(self.machine):
+                self.machine.devices.replace_storage(call.parameters["name"], fd)
+        finally:
+            os.close(fd)
+        return {}
 
 
 class VirtualMachineInstance:
@@ -135,9 +177,98 @@ class QemuMachineInstance:
         raise VarlinkError(f"{MACHINE_INSTANCE}.NotSupported")
 
 
+class Console:
+    """io.vmbridge.Console: the VM's serial console on an upgraded connection."""
+
+    def __init__(self, machine: Machine):
+        self.machine = machine
+
+    def _console(self):
+        console = self.machine.console
+        if console is None:
+            raise VarlinkError(f"{CONSOLE}.NoConsole")
+        return console
+
+    def Attach(self, call):
+        replay = call.parameters.get("replayLines")
+        if replay is not None and replay < 0:
+            raise VarlinkError.invalid_parameter("replayLines")
+        console = self._console()
+        read_only = bool(call.parameters.get("readOnly"))
+        previous = console.writer
+        try:
+            viewer = console.attach(read_only=read_only, force=bool(call.parameters.get("force")),
+                                    replay_lines=replay, pid=call.peer_pid,
+                                    owner=f"pid={call.peer_pid} uid={call.peer_uid}")
+        except WriterPresent as e:
+            raise VarlinkError(f"{CONSOLE}.WriterPresent",
+                               {"pid": e.writer.pid} if e.writer.pid is not None else {}) from e
+        except ConsoleClosed as e:
+            raise VarlinkError(f"{CONSOLE}.NoConsole") from e
+        # Should the reply never go out (the client hung up), takeover is not
+        # called: the connection's greenlet ending detaches the viewer then.
+        current = gevent.getcurrent()
+        if isinstance(current, gevent.Greenlet):
+            current.link(lambda _: console.detach(viewer))
+        reply = {"writable": not read_only}
+        if not read_only and previous is not None and previous.pid is not None:
+            reply["previousWriterPid"] = previous.pid
+        return Upgrade(reply, lambda sock, pending: serve_viewer(console, viewer, sock, pending))
+
+    def Tail(self, call):
+        lines = call.parameters.get("lines")
+        lines = 10 if lines is None else lines
+        if lines < 0:
+            raise VarlinkError.invalid_parameter("lines")
+        console = self._console()
+        return {"text": console.tail(lines).decode("utf-8", "replace")}
+
+
+def serve_viewer(console, viewer, sock, pending: bytes) -> None:
+    """One attached client, after the upgrade (runs in its connection's greenlet).
+
+    This greenlet drains the viewer's buffer into the socket; a second one
+    reads the socket: a writer's bytes go to the guest, a read-only viewer's
+    are dropped, and end-of-file detaches. A viewer closed by someone else
+    (takeover, the VM exiting) gets its last bytes out, or the socket is
+    closed under it after CONSOLE_CLOSE_GRACE seconds if it does not read.
+    """
+    def read_input():
+        try:
+            if pending and not viewer.read_only:
+                console.send(pending, viewer)
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                if not viewer.read_only and not console.send(data, viewer):
+                    break       # no longer the writer: it is being closed
+        except (OSError, ConsoleError) as e:    # the client's socket, or the console, went away
+            log.debug("%s: console client: %s", console.name, e)
+        viewer.close(discard=True)  # the client is gone: nothing more to send it
+
+    viewer.on_close = lambda: gevent.spawn_later(CONSOLE_CLOSE_GRACE, sock.close)
+    if viewer.closed:           # closed before we got here
+        viewer.on_close()
+    reader = gevent.spawn(read_input)
+    try:
+        while True:
+            data = viewer.get()
+            if not data:
+                break
+            sock.sendall(data)
+    except OSError as e:
+        log.debug("%s: console client: %s", console.name, e)
+    finally:
+        reader.kill(block=False)
+        console.detach(viewer)
+        sock.close()
+
+
 def build_service(machine: Machine) -> Service:
     service = Service(vendor=VENDOR, product=PRODUCT, version=__version__, url=URL)
     service.add_interface(interface_text(MACHINE_INSTANCE), MachineInstance(machine))
     service.add_interface(interface_text("io.systemd.VirtualMachineInstance"), VirtualMachineInstance())
     service.add_interface(interface_text("io.systemd.QemuMachineInstance"), QemuMachineInstance(machine))
+    service.add_interface(interface_text(CONSOLE), Console(machine))
     return service

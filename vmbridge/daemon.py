@@ -4,7 +4,9 @@ Sockets (all 0600, in a 0700 runtime directory):
     RUNTIME_DIR/io.vmbridge.Manager           the manager (vmctl's entry point)
     RUNTIME_DIR/machines/NAME/control         each VM's io.systemd.MachineInstance
 
-Signals: SIGTERM/SIGINT stop every VM cleanly and remove every socket.
+Signals: SIGTERM/SIGINT stop every VM cleanly and remove every socket - except
+when systemd is restarting the service (or with --keep-vms): then the VMs are
+left running and the next vmbridged adopts them (RUNTIME_DIR/machines/NAME/qmp).
 """
 
 from __future__ import annotations
@@ -63,6 +65,19 @@ def setup_logging(verbose: bool) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
+def byte_size(value: str) -> int:
+    """A size in bytes: 4096, 64K, 4M, 1G (also 4MiB); at least 1 KiB."""
+    text = value.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    try:
+        size = int(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 4M or 512K, not {value!r}") from None
+    if size < 1024:
+        raise argparse.ArgumentTypeError(f"{value!r} is too small (at least 1K)")
+    return size
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="vmbridged", description="Runtime-control plane for QEMU VMs.")
     parser.add_argument("--runtime-dir", help="sockets and VM state (default: $RUNTIME_DIRECTORY, "
@@ -72,6 +87,12 @@ def parse_args(argv):
     parser.add_argument("--verbose", "-v", action="store_true", help="log QMP and varlink traffic")
     parser.add_argument("--qmp-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="how long a VM's QEMU may take to answer a command (default 30)")
+    parser.add_argument("--console-log-size", type=byte_size, metavar="SIZE",
+                        help="rotate each VM's console.log to console.log.1 past SIZE bytes "
+                        "(K, M, G suffixes; default 4M)")
+    parser.add_argument("--keep-vms", action="store_true",
+                        help="on SIGTERM, leave the VMs running for the next vmbridged to adopt "
+                        "(the default when systemd is restarting the service)")
     parser.add_argument("--demo", metavar="GUEST_DIR",
                         help="also start a VM named 'demo' from GUEST_DIR/vmlinuz and GUEST_DIR/initramfs.img")
     parser.add_argument("--version", action="version", version=f"vmbridged {__version__}")
@@ -104,7 +125,8 @@ class Daemon:
         self.stopping = gevent.event.Event()
         self._last_status = None
         self.manager = Manager(self.runtime_dir, args.config_dir or default_config_dir(),
-                               command_timeout=args.qmp_timeout, on_change=self.report_status)
+                               command_timeout=args.qmp_timeout, on_change=self.report_status,
+                               console_log_size=args.console_log_size)
         listen = manager_listen_socket()
         self.server = Server(build_manager_service(self.manager), listen_socket=listen,
                              path=None if listen else os.path.join(self.runtime_dir, MANAGER_SOCKET),
@@ -124,8 +146,10 @@ class Daemon:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(sig, self._on_signal, sig)
-        self.server.start()
+        # Adopt first: a client must never see a half-rebuilt registry (systemd's
+        # socket, if any, queues connections meanwhile).
         self.manager.load()
+        self.server.start()
         log.info("vmbridged %s serving %s", __version__, self.server.address)
         self.notifier.notify("READY=1")
         self.report_status()
@@ -138,7 +162,11 @@ class Daemon:
         if watchdog is not None:
             watchdog.kill()
         self.server.stop()
-        self.manager.shutdown()
+        keep = self.args.keep_vms or systemd.restart_pending()
+        if keep:
+            log.info("leaving the VMs running for the next vmbridged (%s)",
+                     "--keep-vms" if self.args.keep_vms else "systemd is restarting the service")
+        self.manager.shutdown(keep_vms=keep)
         log.info("vmbridged stopped")
         self.notifier.close()
         return 0
@@ -176,6 +204,7 @@ class Daemon:
 The demo VM is running. In another terminal, try:
     .venv/bin/vmctl --runtime-dir {rt} list
     .venv/bin/vmctl --runtime-dir {rt} describe demo
+    .venv/bin/vmctl --runtime-dir {rt} console demo        (a root shell; Ctrl-] detaches)
     .venv/bin/vmctl --runtime-dir {rt} events demo        (then pause/resume from a third terminal)
     .venv/bin/vmctl --runtime-dir {rt} pause demo
     .venv/bin/vmctl --runtime-dir {rt} resume demo

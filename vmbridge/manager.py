@@ -40,11 +40,12 @@ class Entry:
 
 class Manager:
     def __init__(self, runtime_dir: str, config_dir: str | None, *, command_timeout: float = 30.0,
-                 allowed_uids=None, on_change=None):
+                 allowed_uids=None, on_change=None, console_log_size: int | None = None):
         self.runtime_dir = runtime_dir
         self.machines_dir = os.path.join(runtime_dir, "machines")
         self.definitions = Definitions(config_dir) if config_dir else None
         self.command_timeout = command_timeout
+        self.console_log_size = console_log_size
         self.allowed_uids = allowed_uids
         self.entries: dict[str, Entry] = {}
         self.lifecycle = EventHub()
@@ -87,7 +88,8 @@ class Manager:
 
     def _new_machine(self, config: MachineConfig) -> Machine:
         return Machine(config, os.path.join(self.machines_dir, config.name),
-                       command_timeout=self.command_timeout, on_change=self._machine_changed)
+                       command_timeout=self.command_timeout, on_change=self._machine_changed,
+                       console_log_size=self.console_log_size)
 
     def load(self) -> None:
         """At daemon start: adopt the VMs an earlier vmbridged left, then the definitions."""
@@ -112,22 +114,28 @@ class Manager:
             names = sorted(os.listdir(self.machines_dir))
         except FileNotFoundError:
             return
-        for name in names:
-            directory = os.path.join(self.machines_dir, name)
-            if not os.path.exists(os.path.join(directory, "state.json")):
-                continue
-            try:
-                machine = Machine.adopt(directory, command_timeout=self.command_timeout,
-                                        on_change=self._machine_changed)
-            except Exception as e:
-                log.warning("%s: not adopted (%s); it exited while vmbridged was away", name, e)
-                shutil.rmtree(directory, ignore_errors=True)
+        leftovers = [n for n in names if os.path.exists(os.path.join(self.machines_dir, n, "state.json"))]
+        jobs = {name: gevent.spawn(self._try_adopt, name) for name in leftovers}
+        gevent.joinall(list(jobs.values()))
+        for name, job in jobs.items():
+            machine, error = job.value
+            if machine is None:
+                log.warning("%s: not adopted (%s); it exited while vmbridged was away", name, error)
+                shutil.rmtree(os.path.join(self.machines_dir, name), ignore_errors=True)
                 continue
             entry = Entry(machine, persistent=name in definitions)
             self.entries[name] = entry
             log.info("%s: adopted running QEMU (pid %s, %s)", name, machine.pid, machine.qemu_status)
             self._open_control(entry)
             self._publish("added", entry)
+
+    def _try_adopt(self, name: str):
+        try:
+            return Machine.adopt(os.path.join(self.machines_dir, name), command_timeout=self.command_timeout,
+                                 on_change=self._machine_changed,
+                                 console_log_size=self.console_log_size), None
+        except Exception as e:  # whatever went wrong, that VM is not ours any more
+            return None, e
 
     def create(self, config: MachineConfig, persistent: bool = False) -> Entry:
         old = self.entries.get(config.name)
@@ -214,8 +222,9 @@ class Manager:
 
     def _open_control(self, entry: Entry) -> None:
         path = os.path.join(entry.machine.directory, "control")
+        # fd passing: AddStorage/ReplaceStorage receive the image's fd with the call.
         server = Server(build_service(entry.machine), path=path, mode=0o600,
-                        allowed_uids=self.allowed_uids)
+                        allowed_uids=self.allowed_uids, allow_fd_passing=True)
         server.start()
         entry.server = server
 

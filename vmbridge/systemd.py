@@ -103,3 +103,51 @@ class JournalFormatter(logging.Formatter):
         priority = self.PRIORITIES.get(record.levelno, 6)
         text = super().format(record)
         return "\n".join(f"<{priority}>{line}" for line in text.splitlines())
+
+
+RESTART_JOB_TYPES = ("restart", "try-restart", "reload-or-restart", "reload-or-try-restart")
+
+
+def unit_from_cgroup(cgroup_text: str) -> tuple[str, bool] | None:
+    """(our service unit, whether it runs under a user manager) from /proc/self/cgroup."""
+    for line in cgroup_text.splitlines():
+        path = line.split(":", 2)[-1]
+        parts = [p for p in path.split("/") if p]
+        services = [p for p in parts if p.endswith(".service")]
+        if services:
+            user_manager = any(p.startswith("user@") and p.endswith(".service") for p in parts[:-1])
+            return services[-1], user_manager
+    return None
+
+
+def restart_pending(*, cgroup_text: str | None = None, run=None) -> bool:
+    """True when systemd is restarting our unit: this stop will be followed by a start.
+
+    `systemctl restart` sends the same SIGTERM as `systemctl stop`; only the
+    job systemd is running for our unit tells them apart.
+    """
+    import subprocess
+
+    if cgroup_text is None:
+        if not os.environ.get("INVOCATION_ID"):
+            return False  # not started by systemd
+        try:
+            with open("/proc/self/cgroup") as f:
+                cgroup_text = f.read()
+        except OSError:
+            return False
+    found = unit_from_cgroup(cgroup_text)
+    if found is None:
+        return False
+    unit, user_manager = found
+    argv = ["systemctl", *(["--user"] if user_manager else []), "list-jobs", "--no-legend", "--full"]
+    try:
+        out = (run or subprocess.run)(argv, capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("cannot ask systemd whether this is a restart: %s", e)
+        return False
+    for line in out.splitlines():
+        fields = line.split()  # JOB UNIT TYPE STATE
+        if len(fields) >= 3 and fields[1] == unit and fields[2] in RESTART_JOB_TYPES:
+            return True
+    return False

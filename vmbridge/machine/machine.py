@@ -21,7 +21,6 @@ import enum
 import json
 import logging
 import os
-import signal
 import socket
 import time
 
@@ -34,8 +33,8 @@ from vmbridge.machine.config import MachineConfig
 from vmbridge.machine.console import Console
 from vmbridge.machine.events import EventHub, MachineEvent
 from vmbridge.machine.process import AdoptedProcess, ChildProcess, ExitInfo, QemuProcess
-from vmbridge.qmp import (QMPClient, QMPCommandError, QMPDisconnectedError, QMPError,
-                          QMPTimeoutError, State as QMPState)
+from vmbridge.qmp import (QMPClient, QMPCommandError, QMPDisconnectedError, QMPTimeoutError,
+                          State as QMPState)
 
 log = logging.getLogger("vmbridge.machine")
 
@@ -102,11 +101,12 @@ _STOP_REASONS = {
 
 class Machine:
     def __init__(self, config: MachineConfig, directory: str, *,
-                 command_timeout: float = 30.0, on_change=None):
+                 command_timeout: float = 30.0, on_change=None, console_log_size: int | None = None):
         self.config = config
         self.name = config.name
         self.directory = directory
         self.command_timeout = command_timeout
+        self.console_log_size = console_log_size  # console.log's rotation size (None: the default)
         self._on_change = on_change
         self.state = MachineState.DEFINED
         self.since = time.time()
@@ -122,11 +122,18 @@ class Machine:
         self.process: QemuProcess | None = None
         self.console: Console | None = None
         self._pending_stop_status: str | None = None
+        self._detached = False  # let go of for the next vmbridged: QMP loss is expected
         self._gone = gevent.event.Event()
         self._gone.set()  # nothing running yet
         self._settled = gevent.event.Event()  # set whenever the state is not `starting`
         self._settled.set()
         self._resources = contextlib.ExitStack()  # what lives exactly as long as QEMU
+        self.devices = self._new_devices()  # the device plane's bookkeeping (machine/setup.py)
+
+    def _new_devices(self):
+        from vmbridge.machine.setup import DeviceState
+
+        return DeviceState(self)
 
     # ------------------------------------------------------------------ state
 
@@ -231,6 +238,7 @@ class Machine:
         self.error = self.shutdown_reason = self.exit_info = None
         self.qemu_status, self.qemu_running = "unknown", False
         self.events = EventHub()
+        self.devices = self._new_devices()
         self._gone.clear()
         self._set_state(MachineState.STARTING)
         try:
@@ -249,7 +257,9 @@ class Machine:
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         binary = qemu_mod.QemuBinary.probe(config.qemu)
         self.qemu_version = ".".join(map(str, binary.version))
-        argv = [binary.path] + qemu_mod.machine_args(config, binary)
+        # Images, TAPs, vsock, virtiofsd: opened and checked before QEMU exists.
+        self.devices.prepare()
+        argv = [binary.path] + qemu_mod.machine_args(config, binary) + self.devices.command_line()
         pass_fds = []
         ours, qemus = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -270,8 +280,8 @@ class Machine:
                 argv += ["-chardev", f"socket,id=qmp-reattach,fd={hand_over(self._bind_reattach_socket())},"
                          "server=on,wait=off"] + binary.monitor_args("qmp-reattach")
                 if config.machine != "none":
-                    self.console = Console(self.directory, self.name)
-                    self._resources.callback(self._close_console)
+                    self.console = self._new_console()
+                    self._resources.callback(self._close_console, "the VM exited")
                     argv += ["-chardev", f"socket,id=serial0,fd={hand_over(self.console.open())}",
                              "-serial", "chardev:serial0"]
                 if config.firmware == "uefi":
@@ -322,6 +332,7 @@ class Machine:
         setup_devices(self)
         status = self.execute("query-status")
         self.qemu_status, self.qemu_running = status["status"], status["running"]
+        self._write_state_file()  # now with the devices, for a restarted vmbridged
 
     def _explain_failure(self, error: BaseException) -> str:
         """A set-up failure in words, with QEMU's own last complaint when it has one."""
@@ -359,13 +370,16 @@ class Machine:
     # ------------------------------------------------------- adoption (restart)
 
     @classmethod
-    def adopt(cls, directory: str, *, command_timeout: float = 30.0, on_change=None) -> "Machine":
+    def adopt(cls, directory: str, *, command_timeout: float = 30.0, on_change=None,
+              console_log_size: int | None = None) -> "Machine":
         """Re-attach to a QEMU left running by an earlier vmbridged."""
         with open(os.path.join(directory, STATE_FILE)) as f:
             saved = json.load(f)
         config = MachineConfig.from_dict(saved["config"])
-        machine = cls(config, directory, command_timeout=command_timeout, on_change=on_change)
+        machine = cls(config, directory, command_timeout=command_timeout, on_change=on_change,
+                      console_log_size=console_log_size)
         machine.qemu_version = saved.get("qemuVersion")
+        machine.devices.restore(saved.get("devices"))
         machine.process = AdoptedProcess(saved["pid"], saved["startTime"])
         machine._gone.clear()
         machine.state = MachineState.STARTING
@@ -379,6 +393,7 @@ class Machine:
         except Exception:
             if machine.qmp is not None:
                 machine.qmp.close()
+            machine.process.close()
             raise
         machine.qemu_status, machine.qemu_running = status["status"], status["running"]
         machine.process.on_exit(machine._on_process_exit)
@@ -386,13 +401,25 @@ class Machine:
         machine._set_state(MachineState.RUNNING if status["running"] else MachineState.PAUSED)
         return machine
 
+    def _new_console(self) -> Console:
+        if self.console_log_size is None:
+            return Console(self.directory, self.name)
+        return Console(self.directory, self.name, log_limit=self.console_log_size)
+
     def _reattach_console(self) -> None:
-        """Plumb the serial port into a fresh socketpair (the old one died with the daemon)."""
+        """Plumb the serial port into a fresh socketpair (the old one died with the daemon).
+
+        QEMU's serial0 chardev lost its peer when the old vmbridged went away
+        (it drops output since); ``chardev-change`` gives it a new socket
+        backend on the descriptor passed with ``getfd``. The ring buffer
+        starts with the end of the log, so a replay still shows what came
+        before the restart.
+        """
         if self.config.machine == "none":
             return
-        self.console = Console(self.directory, self.name)
-        qemus = self.console.open()
-        self._resources.callback(self._close_console)
+        self.console = self._new_console()
+        qemus = self.console.open(resume=True)
+        self._resources.callback(self._close_console, "the VM exited")
         try:
             self.execute("getfd", {"fdname": "serial0-reattach"}, fds=[qemus.fileno()])
             self.execute("chardev-change", {"id": "serial0", "backend": {
@@ -400,13 +427,16 @@ class Machine:
                                            "server": False}}})
         except MachineError as e:
             log.warning("%s: console not re-attached: %s", self.name, e)
+            self.console.close(f"console not re-attached after a vmbridged restart: {e}")
+            return
         finally:
             qemus.close()
         self.console.start()
 
     def _write_state_file(self) -> None:
         state = {"config": self.config.to_dict(), "pid": self.process.pid,
-                 "startTime": self.process.start_time, "qemuVersion": self.qemu_version}
+                 "startTime": self.process.start_time, "qemuVersion": self.qemu_version,
+                 "devices": self.devices.describe()}
         path = os.path.join(self.directory, STATE_FILE)
         tmp = path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -441,11 +471,13 @@ class Machine:
             self.qemu_status, self.qemu_running = "running", True
         elif (name, data.get("action")) in _STOP_REASONS:
             self._pending_stop_status = _STOP_REASONS[(name, data.get("action"))]
+        elif name == "DEVICE_DELETED":
+            self.devices.on_event(event)
         if len(self.events):
             self.events.publish(MachineEvent(event.name, event.data, event.timestamp))
 
     def _on_qmp_disconnect(self, reason) -> None:
-        if self.process is None or self.process.exited:
+        if self.process is None or self.process.exited or self._detached:
             return
         # QMP gone but QEMU alive: a VM nobody can control. Give a dying QEMU
         # a moment to exit by itself, then end it.
@@ -477,14 +509,14 @@ class Machine:
         self._set_state(MachineState.EXITED)
         self._gone.set()
 
-    def _close_console(self) -> None:
+    def _close_console(self, reason: str) -> None:
         if self.console is not None:
-            self.console.close()
+            self.console.close(reason)
 
     def _remove_runtime_files(self, everything: bool = False) -> None:
         names = ("qmp", STATE_FILE)
         if everything:
-            names += ("qemu.log", "console.log", "console.log.1")
+            names += ("qemu.log", "console.log", "console.log.1", "virtiofsd.log")
         for name in names:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.directory, name))
@@ -494,11 +526,12 @@ class Machine:
 
     def detach(self) -> None:
         """Let go of a running QEMU without stopping it (daemon exiting, VMs kept)."""
+        self._detached = True
         if self.qmp is not None:
             self.qmp.close()
         if isinstance(self.process, AdoptedProcess):
             self.process.close()
-        self._close_console()
+        self._close_console("vmbridged is stopping; the VM keeps running")
 
 
 def _open_readonly(path: str, field: str) -> int:

@@ -1,7 +1,9 @@
 """The QEMU binary: what it supports, and the command line vmbridged gives it.
 
 The command line carries only what QMP cannot do after start-up: the machine
-itself, its memory backend, firmware, direct kernel boot, the serial port and
+itself, its memory backend (shared memfd when the VM has virtiofs shares),
+the PCIe root ports (pcie.0 takes no hotplugged devices; see
+vmbridge.machine.setup), firmware, direct kernel boot, the serial port and
 the QMP monitors. Everything else is set up over QMP between ``-S`` and
 ``cont`` (vmbridge.machine.setup).
 
@@ -22,6 +24,7 @@ import subprocess
 log = logging.getLogger("vmbridge.machine")
 
 _probe_cache: dict[tuple, "QemuBinary"] = {}
+MEMORY_BACKEND_ID = "vmb-mem"
 
 # Whole-image OVMF builds (code and variables in one file), usable with -bios.
 OVMF_CANDIDATES = (
@@ -107,9 +110,16 @@ def find_ovmf() -> str | None:
 
 def machine_args(config, binary: QemuBinary) -> list[str]:
     """The machine-shaping part of the command line (no descriptors yet)."""
+    machine = config.machine
+    memory_backend = []
+    if config.bind and machine != "none":
+        # virtiofs (vhost-user) needs guest RAM QEMU can share with virtiofsd.
+        memory_backend = ["-object", f"memory-backend-memfd,id={MEMORY_BACKEND_ID},"
+                                     f"size={config.memory}M,share=on"]
+        machine += f",memory-backend={MEMORY_BACKEND_ID}"
     args = ["-name", f"guest={config.name},debug-threads=on",
             "-S", "-nodefaults", "-no-user-config", "-display", "none",
-            "-machine", config.machine]
+            *memory_backend, "-machine", machine]
     if config.machine != "none":
         accel = config.accel
         if accel == "auto":

@@ -168,13 +168,15 @@ class Connection:
         self._send(protocol.call_message(method, parameters, oneway=True), fds,
                    _DEFAULT)
 
-    def call_upgrade(self, method, parameters=None, *, timeout=_DEFAULT):
+    def call_upgrade(self, method, parameters=None, *, timeout=_DEFAULT,
+                     return_reply=False):
         """Call with ``upgrade``; on success returns ``(sock, pending)``.
 
         ``sock`` is the connected socket, now the caller's (blocking, no
         timeout), and ``pending`` the bytes already read past the reply. The
-        connection itself is closed. An error reply raises VarlinkError and
-        leaves the connection usable.
+        connection itself is closed. With ``return_reply`` the result is
+        ``(sock, pending, parameters)``, the reply's parameters too. An error
+        reply raises VarlinkError and leaves the connection usable.
         """
         self._check_idle()
         self._send(protocol.call_message(method, parameters, upgrade=True), (),
@@ -184,12 +186,14 @@ class Connection:
         if reply.get("continues"):
             self.close()
             raise VarlinkProtocolError("reply to %s continues" % method)
-        self._result(reply, [])
+        parameters = self._result(reply, [])
         sock, self._sock = self._sock, None
         pending = bytes(self._buffer)
         self._buffer.clear()
         self.close()
         sock.settimeout(None)
+        if return_reply:
+            return sock, pending, parameters
         return sock, pending
 
     # -- internals -----------------------------------------------------------
