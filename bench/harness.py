@@ -268,6 +268,16 @@ class Daemon:
         except psutil.Error:
             return 0
 
+    def schedstat(self) -> tuple[float, float]:
+        """(seconds on a CPU, seconds runnable but waiting for one) of the daemon's
+        thread, in nanosecond resolution (/proc/PID/schedstat), or (0, 0)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/schedstat") as f:
+                run_ns, wait_ns, _slices = f.read().split()
+            return int(run_ns) / 1e9, int(wait_ns) / 1e9
+        except (OSError, ValueError):
+            return 0.0, 0.0
+
     def cpu_seconds(self) -> float:
         t = self.ps.cpu_times()
         return t.user + t.system

@@ -402,7 +402,12 @@ class Bench:
                                       "last_us": ordered[-1] * 1e6})
 
             for round_ in range(rounds + 1):
+                run0, wait0 = daemon.schedstat()
                 phase(pause, b'"STOP"', round_ > 0)  # round 0 warms up; its max is kept apart
+                if round_ > 0:  # tells a busy daemon from one that waited for a CPU
+                    run1, wait1 = daemon.schedstat()
+                    per_round[-1].update(daemon_oncpu_us=(run1 - run0) * 1e6,
+                                         daemon_runqueue_wait_us=(wait1 - wait0) * 1e6)
                 time.sleep(0.02)
                 phase(resume, b'"RESUME"', False)
                 time.sleep(0.05)
@@ -430,8 +435,10 @@ class Bench:
         many["daemon_cpu_per_delivery_us"] = many["daemon_cpu_s"] / deliveries * 1e6
         note = (f"measuring client busy {many['client_busy_fraction'] * 100:.0f}% of the "
                 f"{many['busy_wall_s']:.2f} s it waited; daemon CPU {many['daemon_cpu_s']:.2f} s, "
-                f"{many['daemon_cpu_per_delivery_us']:.1f} us per event delivered; the unmeasured first "
-                f"(warm-up) round's max {us(many['warmup_round_max_us'])}")
+                f"{many['daemon_cpu_per_delivery_us']:.1f} us per event delivered; per round the daemon was on "
+                f"a CPU {median([r['daemon_oncpu_us'] for r in many['per_round']]) / 1000:.1f} ms (median) and "
+                f"waited for one up to {max(r['daemon_runqueue_wait_us'] for r in many['per_round']) / 1000:.1f} ms; "
+                f"the unmeasured first (warm-up) round's max {us(many['warmup_round_max_us'])}")
         for q in ("p50", "p99", "max"):
             target, met = ("<= 20 ms", many["p99_us"] <= 20000) if q == "p99" else ("", None)
             self.add(Row(f"event fan-out {n} clients, Pause->STOP {q}", us(many[f"{q}_us"]),
