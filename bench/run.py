@@ -749,6 +749,25 @@ def print_table(result: dict) -> None:
         print("every target with a verdict was met")
 
 
+def print_markdown(result: dict) -> None:
+    """The table as docs/performance.md shows it."""
+    print(f"{result['mode']} run, {result['started']}, git {result['git']}; QEMU {result['qemu']['path']} "
+          f"({result['qemu']['version_text']}); {result['machine']['cpus']} CPUs ({result['machine']['cpu']}), "
+          f"Python {result['machine']['python']}; load average before {result['load_average_before']}, "
+          f"after {result['load_average_after']}\n")
+    print("| figure | value | baseline (same run) | ratio | target | verdict |")
+    print("|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        verdict = f"**{r['verdict']}**" if r["verdict"] in ("MISSED", "ERROR") else r["verdict"]
+        print(f"| {r['figure']} | {r['value']} | {r['baseline']} | {r['ratio_text']} | "
+              f"{r['target'].replace('<=', '≤')} | {verdict} |")
+    notes = [r for r in result["rows"] if r["note"]]
+    if notes:
+        print()
+        for r in notes:
+            print(f"- {r['figure']}: {r['note']}")
+
+
 def raise_nofile(wanted: int = 8192) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
@@ -770,7 +789,14 @@ def main() -> int:
                                                           "describe/newconn/pause/fanout figures")
     parser.add_argument("--results", default=os.path.join(BENCH_DIR, "results"), help="where the JSON goes")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument("--show", metavar="JSON", help="print the table of an earlier run and exit")
+    parser.add_argument("--markdown", action="store_true", help="with --show: as a Markdown table")
     args = parser.parse_args()
+    if args.show:
+        with open(args.show) as f:
+            result = json.load(f)
+        (print_markdown if args.markdown else print_table)(result)
+        return 0
     if args.profile or args.cprofile:
         args.profile = os.path.abspath(args.profile or tempfile.gettempdir())
         os.makedirs(args.profile, exist_ok=True)
