@@ -52,7 +52,7 @@ deps:
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e . pytest
+	$(VPY) -m pip install -q -e ".[test]"
 	@touch $@
 
 venv: deps $(VENV)/.installed

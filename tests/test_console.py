@@ -1,8 +1,8 @@
 """vmctl console against a real guest (busybox, TCG) through vmbridged: one boot, every check.
 
-The CLI runs as a process on a pty, as a person would use it (``python -m
-vmbridge.cli.console``: the verb without the rest of vmctl); other viewers
-attach over the varlink upgrade directly.
+The CLI runs as a process on a pty, as a person would use it (``vmctl
+--address SOCKET console``); other viewers attach over the varlink upgrade
+directly.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import uuid
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, VMCTL
 from guest import PREFIX, PROMPT, require_guest
 from test_control import call
 from test_lifecycle import wait_console
@@ -38,7 +38,7 @@ class PtyConsole:
         self.out = b""
         self._lock = threading.Lock()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vmbridge.cli.console", "--address", address, *args],
+            [sys.executable, VMCTL, "--address", address, "console", *args],
             stdin=self.slave, stdout=self.slave, stderr=self.slave, cwd=ROOT, start_new_session=True,
             env=dict(os.environ, PYTHONPATH=ROOT))
         self._thread = threading.Thread(target=self._read, daemon=True)
@@ -94,7 +94,7 @@ class PtyConsole:
 
 
 def vmctl_console(address, *args, timeout=30):
-    return subprocess.run([sys.executable, "-m", "vmbridge.cli.console", "--address", address, *args],
+    return subprocess.run([sys.executable, VMCTL, "--address", address, "console", *args],
                           capture_output=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
                           stdin=subprocess.DEVNULL, timeout=timeout)
 

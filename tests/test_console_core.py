@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import sys
 import types
 
 import gevent
@@ -386,7 +387,7 @@ def test_verb_run_with_a_vmctl_context(control):
     wait_for(lambda: console.recent().endswith(b"\x1b[6n"))
     reported = []
     ctx = types.SimpleNamespace(
-        timeout=5, quiet=True, report=reported.append,
+        timeout=5, quiet=True, report=reported.append, note=lambda message: None, stderr=sys.stderr,
         targets=lambda names: [types.SimpleNamespace(name=names[0], address=address, error=None)])
     args = types.SimpleNamespace(name="t", tail=2, read_only=False, force=False)
     r, w = os.pipe()

@@ -13,7 +13,7 @@ import pytest
 
 from vmbridge.machine import Machine, MachineConfig, MachineError
 from vmbridge.machine import devices as dev
-from vmbridge.machine import setup
+from vmbridge.machine import setup, storage
 from vmbridge.qmp.schema import SchemaIndex
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs QEMU")
@@ -122,7 +122,7 @@ def test_plumbing_fallback_aio_hotplug_rollback(tmp_path, monkeypatch, caplog, w
         fd = os.open(corrupt, os.O_RDWR | os.O_CLOEXEC)
         try:
             with pytest.raises(setup.StepFailed, match="storage bad: QEMU refused blockdev-add"):
-                devices.add_storage("bad", "format=qcow2", fd)
+                machine.storage.add_storage("bad", "format=qcow2", fd)
         finally:
             os.close(fd)
         assert devices.owned_ids() == owned and "bad" not in devices.drives
@@ -135,20 +135,20 @@ def test_plumbing_fallback_aio_hotplug_rollback(tmp_path, monkeypatch, caplog, w
         shutil.copy(hot, tmp_path / "hot2.raw")
         fd = os.open(hot, os.O_RDWR | os.O_CLOEXEC)
         try:
-            drive = devices.add_storage("hot", "serial=hot", fd)
-            with pytest.raises(setup.StorageExists):
-                devices.add_storage("hot", None, fd)
+            drive = machine.storage.add_storage("hot", "serial=hot", fd)
+            with pytest.raises(storage.StorageExists):
+                machine.storage.add_storage("hot", None, fd)
         finally:
             os.close(fd)
         assert drive.port == f"vmb-rp{slots}" and drive.aio.startswith("threads")
-        with pytest.raises(setup.StorageImmutable):
-            devices.remove_storage("drive0")
-        with pytest.raises(setup.NoSuchStorage):
-            devices.replace_storage("nope", 0)
+        with pytest.raises(storage.StorageImmutable):
+            machine.storage.remove_storage("drive0")
+        with pytest.raises(storage.NoSuchStorage):
+            machine.storage.replace_storage("nope", 0)
         old_fdset = drive.file_fdset
         fd = os.open(tmp_path / "hot2.raw", os.O_RDWR | os.O_CLOEXEC)
         try:
-            devices.replace_storage("hot", fd)
+            machine.storage.replace_storage("hot", fd)
         finally:
             os.close(fd)
         nodes = {n["node-name"]: n for n in machine.execute("query-named-block-nodes", {"flat": True})}
@@ -156,8 +156,8 @@ def test_plumbing_fallback_aio_hotplug_rollback(tmp_path, monkeypatch, caplog, w
         assert f"{key}-file1" in nodes and f"{key}-file" not in nodes
         assert drive.nodes == [f"{key}-file1", key] and drive.file_fdset != old_fdset
         assert old_fdset not in {s["fdset-id"] for s in machine.execute("query-fdsets")}
-        with pytest.raises(setup.UnplugTimeout):
-            devices.remove_storage("hot", timeout=0.5)
+        with pytest.raises(storage.UnplugTimeout):
+            machine.storage.remove_storage("hot", timeout=0.5)
         assert drive.state == "removing"
 
         # a restarted vmbridged rebuilds the bookkeeping from state.json

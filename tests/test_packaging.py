@@ -29,7 +29,7 @@ SPEC = os.path.join(ROOT, "contrib", "rpm", "vmbridge.spec")
 MAN_PAGES = {"vmctl.1": "man1", "vmbridge.conf.5": "man5", "vmbridged.8": "man8"}
 MANAGER = "io.vmbridge.Manager"
 VERBS = ["list", "start", "describe", "pause", "resume", "poweroff", "reboot", "terminate", "remove", "events",
-         "console", "storage"]
+         "console", "storage", "qmp", "status", "top"]
 
 
 def version() -> str:
@@ -342,7 +342,7 @@ def test_man_pages_carry_the_version_and_cross_references():
     with open(os.path.join(MAN, "vmctl.1"), encoding="utf-8") as f:
         vmctl = f.read()
     for verb in VERBS:
-        assert re.search(rf"^\.BI? {verb}\b", vmctl, re.M), f"vmctl(1) does not describe {verb}"
+        assert re.search(rf"^\.B[IR]? {verb}\b", vmctl, re.M), f"vmctl(1) does not describe {verb}"
     for section in ("COMMANDS", "OPTIONS", '"EXIT STATUS"', "ENVIRONMENT", "FILES", "EXAMPLES"):
         assert f"\n.SH {section}\n" in vmctl
     # Every key of the definition files is documented in vmbridge.conf(5) and as a vmctl option.

@@ -7,6 +7,7 @@ Sockets (all 0600, in a 0700 runtime directory):
 Signals: SIGTERM/SIGINT stop every VM cleanly and remove every socket - except
 when systemd is restarting the service (or with --keep-vms): then the VMs are
 left running and the next vmbridged adopts them (RUNTIME_DIR/machines/NAME/qmp).
+SIGUSR1 logs one line of statistics (VMs, connections, greenlets, fds, RSS).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
+import gc  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
@@ -25,6 +27,8 @@ import sys  # noqa: E402
 
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
+import greenlet  # noqa: E402  (gevent's own dependency)
+import psutil  # noqa: E402
 
 from vmbridge import __version__  # noqa: E402
 from vmbridge import systemd  # noqa: E402
@@ -78,6 +82,23 @@ def byte_size(value: str) -> int:
     return size
 
 
+def stats_interval(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, such as 2 or 0.5, not {value!r}") from None
+    if seconds != 0 and not 0.1 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError("must be 0 (off) or from 0.1 to 3600 seconds")
+    return seconds
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="vmbridged", description="Runtime-control plane for QEMU VMs.")
     parser.add_argument("--runtime-dir", help="sockets and VM state (default: $RUNTIME_DIRECTORY, "
@@ -90,9 +111,15 @@ def parse_args(argv):
     parser.add_argument("--console-log-size", type=byte_size, metavar="SIZE",
                         help="rotate each VM's console.log to console.log.1 past SIZE bytes "
                         "(K, M, G suffixes; default 4M)")
+    parser.add_argument("--stats-interval", type=stats_interval, default=2.0, metavar="SECONDS",
+                        help="sample each VM's resource figures (CPU, memory, I/O) every SECONDS "
+                        "(default 2; 0 turns sampling off)")
     parser.add_argument("--keep-vms", action="store_true",
                         help="on SIGTERM, leave the VMs running for the next vmbridged to adopt "
                         "(the default when systemd is restarting the service)")
+    parser.add_argument("--max-connections-per-uid", type=positive_int, default=None, metavar="N",
+                        help="connections one user may hold open on each socket; past it a new one is "
+                        "refused with EUSERS (default: 1024, less when RLIMIT_NOFILE is low)")
     parser.add_argument("--demo", metavar="GUEST_DIR",
                         help="also start a VM named 'demo' from GUEST_DIR/vmlinuz and GUEST_DIR/initramfs.img")
     parser.add_argument("--version", action="version", version=f"vmbridged {__version__}")
@@ -126,11 +153,14 @@ class Daemon:
         self._last_status = None
         self.manager = Manager(self.runtime_dir, args.config_dir or default_config_dir(),
                                command_timeout=args.qmp_timeout, on_change=self.report_status,
-                               console_log_size=args.console_log_size)
+                               console_log_size=args.console_log_size,
+                               stats_interval=args.stats_interval,
+                               max_connections_per_uid=args.max_connections_per_uid)
         listen = manager_listen_socket()
         self.server = Server(build_manager_service(self.manager), listen_socket=listen,
                              path=None if listen else os.path.join(self.runtime_dir, MANAGER_SOCKET),
-                             mode=0o600)
+                             mode=0o600, max_connections_per_uid=args.max_connections_per_uid)
+        self.manager.server = self.server
 
     def report_status(self) -> None:
         # Called on every state change of every VM (each Pause and Resume):
@@ -146,6 +176,7 @@ class Daemon:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(sig, self._on_signal, sig)
+        gevent.signal_handler(signal.SIGUSR1, self.log_stats)
         # Adopt first: a client must never see a half-rebuilt registry (systemd's
         # socket, if any, queues connections meanwhile).
         self.manager.load()
@@ -174,6 +205,16 @@ class Daemon:
     def _on_signal(self, sig) -> None:
         log.info("%s received; stopping every VM", signal.Signals(sig).name)
         self.stopping.set()
+
+    def log_stats(self) -> None:
+        """One line for soak tests and debugging (SIGUSR1). Walks the heap: on demand only."""
+        greenlets = sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet) and not o.dead)
+        entries = list(self.manager.entries.values())
+        connections = self.server.connections + sum(e.server.connections for e in entries if e.server)
+        proc = psutil.Process()
+        log.info("stats: vms=%d active=%d connections=%d greenlets=%d fds=%d rss_kib=%d",
+                 len(entries), sum(1 for e in entries if e.machine.state.active), connections,
+                 greenlets, proc.num_fds(), proc.memory_info().rss // 1024)
 
     def _watchdog(self, interval: float) -> None:
         while True:

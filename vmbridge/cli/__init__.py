@@ -33,6 +33,9 @@ VERBS = {
     "events": ("vmbridge.cli.events", "follow the VMs' events"),
     "storage": ("vmbridge.cli.storage", "attach, detach or replace a VM's storage (add|remove|replace)"),
     "console": ("vmbridge.cli.console", "attach to the VM's serial console (Ctrl-] detaches), or --tail it"),
+    "qmp": ("vmbridge.cli.qmp", "a QMP prompt on the VM's QEMU, or one QMP command (AcquireQMP)"),
+    "status": ("vmbridge.cli.status", "show a VM's state and what it costs, or vmbridged's own figures"),
+    "top": ("vmbridge.cli.top", "show the VMs sorted by what they cost, refreshed until q"),
 }
 DEFAULT_VERB = "list"          # `vmctl` alone, as `machinectl` alone lists
 

@@ -24,7 +24,6 @@ import selectors
 import signal
 import sys
 import termios
-import threading
 import tty
 
 from vmbridge.varlink.client import Connection, VarlinkError
@@ -86,10 +85,8 @@ class RawTerminal:
 
     def __enter__(self):
         # Handlers first: no moment where a signal could leave the terminal raw.
-        # (Python runs signal handlers in the main thread only.)
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.SIGNALS:
-                self._handlers[signum] = signal.signal(signum, self._on_signal)
+        for signum in self.SIGNALS:
+            self._handlers[signum] = signal.signal(signum, self._on_signal)
         try:
             if self.fd is not None and os.isatty(self.fd):
                 self.saved = termios.tcgetattr(self.fd)
@@ -216,14 +213,6 @@ def _flush(sock, data, timeout=2.0):
 
 # ------------------------------------------------------------------ calls
 
-class ConsoleError(Exception):
-    """Attaching failed: ``message`` for people, ``error`` the varlink error name."""
-
-    def __init__(self, message, error=None):
-        super().__init__(message)
-        self.error = error
-
-
 def explain(exc):
     """A message for a varlink error of io.vmbridge.Console, or None."""
     parameters = exc.parameters if isinstance(exc.parameters, dict) else {}
@@ -289,38 +278,9 @@ def replay_lines_for(fd):
 
 # ------------------------------------------------------------------ the verb
 
-def _target(args, ctx):
-    """(label, control socket address) of the VM, from whatever ctx offers."""
-    if hasattr(ctx, "targets"):                     # vmctl's Context
-        names = [args.name] if args.name else []
-        target = ctx.targets(names)[0]
-        if target.error is not None:
-            raise target.error
-        return target.name, target.address
-    if not args.name:
-        raise ConsoleError("no VM NAME given")
-    return args.name, ctx.resolve(args.name)
-
-
 def _fail(ctx, label, message):
-    report = getattr(ctx, "report", None)
-    text = "%s: %s" % (label, message)
-    if report is not None:
-        report(text)
-    else:
-        _stderr(ctx).write("vmctl: %s\n" % text)
-        _stderr(ctx).flush()
+    ctx.report("%s: %s" % (label, message))
     return 1
-
-
-def _stderr(ctx):
-    return getattr(ctx, "stderr", None) or sys.stderr
-
-
-def _note(ctx, message):
-    if not getattr(ctx, "quiet", False):
-        _stderr(ctx).write("vmctl: %s\n" % message)
-        _stderr(ctx).flush()
 
 
 def _explained(ctx, exc, address, method):
@@ -328,14 +288,15 @@ def _explained(ctx, exc, address, method):
         message = explain(exc)
         if message is not None:
             return message
-    translate = getattr(ctx, "translate", None)
-    if translate is not None:
-        return str(translate(exc, address, method=method))
-    return str(exc)
+    return str(ctx.translate(exc, address, method=method))
 
 
 def run(args, ctx, *, stdin_fd=None, stdout_fd=None):
-    label, address = _target(args, ctx)
+    target = ctx.targets([args.name] if args.name else [])[0]
+    if target.error is not None:
+        ctx.report(target.error)
+        return 1
+    label, address = target.name, target.address
     stdin_fd = sys.stdin.fileno() if stdin_fd is None else stdin_fd
     stdout_fd = sys.stdout.fileno() if stdout_fd is None else stdout_fd
     if args.tail is not None:
@@ -356,8 +317,8 @@ def run(args, ctx, *, stdin_fd=None, stdout_fd=None):
         return _fail(ctx, label, _explained(ctx, e, address, INTERFACE + ".Attach"))
     with sock:
         if reply.get("previousWriterPid") is not None:
-            _note(ctx, "took the console over from pid %s" % reply["previousWriterPid"])
-        _note(ctx, "connected to the console of %s%s; press Ctrl-] to detach"
+            ctx.note("took the console over from pid %s" % reply["previousWriterPid"])
+        ctx.note("connected to the console of %s%s; press Ctrl-] to detach"
               % (label, "" if reply.get("writable") else " (read-only)"))
         try:
             with RawTerminal(stdin_fd):
@@ -367,61 +328,8 @@ def run(args, ctx, *, stdin_fd=None, stdout_fd=None):
             return 128 + e.signum
         except OSError as e:
             return _fail(ctx, label, "console: %s" % (e.strerror or e))
-    _stderr(ctx).write("\n")  # the guest's cursor may be anywhere on the line
+    ctx.stderr.write("\n")  # the guest's cursor may be anywhere on the line
     if result == DETACHED:
-        _note(ctx, "detached from the console of %s (the VM keeps running)" % label)
+        ctx.note("detached from the console of %s (the VM keeps running)" % label)
         return 0
     return _fail(ctx, label, "the console connection was closed")
-
-
-# ------------------------------------------------------------------ standalone
-
-class _Context:
-    """What run() needs when there is no vmctl around it."""
-
-    def __init__(self, args):
-        self.address = args.address
-        self.timeout = args.timeout
-        self.quiet = args.quiet
-        self.runtime_dir = args.runtime_dir
-
-    def resolve(self, name):
-        if self.address:
-            return self.address
-        runtime_dir = self.runtime_dir or os.environ.get("VMBRIDGE_RUNTIME_DIR") or (
-            "/run/vmbridge" if os.getuid() == 0
-            else os.path.join(os.environ.get("XDG_RUNTIME_DIR", "/nonexistent"), "vmbridge"))
-        with Connection(os.path.join(runtime_dir, "io.vmbridge.Manager"), timeout=self.timeout) as c:
-            try:
-                machines = c.call("io.vmbridge.Manager.List", {"name": name})["machines"]
-            except VarlinkError as e:
-                raise ConsoleError("no such VM '%s'" % name, e.error) from None
-        address = machines[0].get("controlAddress") if machines else None
-        if not address:
-            raise ConsoleError("%s is not running" % name)
-        return address
-
-
-def main(argv=None):
-    import argparse
-    parser = argparse.ArgumentParser(prog="vmctl console", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    parser.add_argument("--address", metavar="SOCKET", help="the VM's control socket")
-    parser.add_argument("--runtime-dir", metavar="DIR")
-    parser.add_argument("--timeout", type=float, default=30.0)
-    parser.add_argument("-q", "--quiet", action="store_true")
-    args = parser.parse_args(argv)
-    ctx = _Context(args)
-    if args.address and not args.name:
-        # .../NAME/control (vmbridged's and systemd-vmspawn's layout) is VM NAME.
-        head, tail = os.path.split(args.address.rstrip("/"))
-        args.name = os.path.basename(head) if tail == "control" and os.path.basename(head) else args.address
-    try:
-        return run(args, ctx)
-    except (ConsoleError, OSError) as e:
-        sys.stderr.write("vmctl: %s\n" % e)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

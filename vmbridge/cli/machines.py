@@ -1,6 +1,8 @@
 """list: the VMs of vmbridged, from the manager's List."""
 
-HEADER = ("NAME", "STATE", "STATUS", "PID", "ADDRESS")
+from vmbridge.cli.figures import LIST_HEADER, list_columns
+
+HEADER = ("NAME", "STATE", "STATUS", "PID", *LIST_HEADER, "ADDRESS")
 
 
 def add_arguments(parser):
@@ -12,8 +14,8 @@ def run(args, ctx):
     if ctx.json:
         ctx.print_json(machines)
         return 0
-    rows = [(m.get("name"), m.get("state"), m.get("status"), m.get("pid"), m.get("controlAddress"))
-            for m in machines]
+    rows = [(m.get("name"), m.get("state"), m.get("status"), m.get("pid"), *list_columns(m),
+             m.get("controlAddress")) for m in machines]
     count = len(rows)
     ctx.print_table(HEADER, rows, footer="%d VM%s listed." % (count, "" if count == 1 else "s"),
                     empty="No VMs.")

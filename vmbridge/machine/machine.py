@@ -128,12 +128,16 @@ class Machine:
         self._settled = gevent.event.Event()  # set whenever the state is not `starting`
         self._settled.set()
         self._resources = contextlib.ExitStack()  # what lives exactly as long as QEMU
-        self.devices = self._new_devices()  # the device plane's bookkeeping (machine/setup.py)
+        # The device plane's bookkeeping (machine/setup.py) and storage hotplug on it (machine/storage.py)
+        self.devices, self.storage = self._new_devices()
 
     def _new_devices(self):
+        """A fresh device record and storage hotplug for one run."""
         from vmbridge.machine.setup import DeviceState
+        from vmbridge.machine.storage import StorageHotplug
 
-        return DeviceState(self)
+        devices = DeviceState(self)
+        return devices, StorageHotplug(devices)
 
     # ------------------------------------------------------------------ state
 
@@ -165,6 +169,14 @@ class Machine:
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None and not self.process.exited else None
+
+    def helper_pids(self) -> list[int]:
+        """The pids of this VM's helper processes (e.g. virtiofsd), for its resource figures.
+
+        Their CPU, memory and I/O count towards the VM's (see vmbridge/machine/stats.py).
+        None yet: the device plane adds its helpers here.
+        """
+        return []
 
     def describe(self) -> dict:
         """io.systemd.MachineInstance.Describe's answer, from memory."""
@@ -238,7 +250,7 @@ class Machine:
         self.error = self.shutdown_reason = self.exit_info = None
         self.qemu_status, self.qemu_running = "unknown", False
         self.events = EventHub()
-        self.devices = self._new_devices()
+        self.devices, self.storage = self._new_devices()
         self._gone.clear()
         self._set_state(MachineState.STARTING)
         try:
@@ -309,7 +321,14 @@ class Machine:
         self.qmp.on_disconnect(self._on_qmp_disconnect)
         if self.console is not None:
             self.console.start()
-        self.qmp.handshake()
+        # Bounded like any command: a QEMU that never greets (or never
+        # answers qmp_capabilities) must not hold Create for the whole
+        # start-up timeout.
+        try:
+            self.qmp.handshake(timeout=self.command_timeout)
+        except QMPTimeoutError as e:
+            raise SetupError(f"QEMU did not complete the QMP handshake within {self.command_timeout:g}s "
+                             f"(QMP state: {self.qmp.state.value})") from e
         self._write_state_file()
 
     def _bind_reattach_socket(self) -> socket.socket:
@@ -472,7 +491,7 @@ class Machine:
         elif (name, data.get("action")) in _STOP_REASONS:
             self._pending_stop_status = _STOP_REASONS[(name, data.get("action"))]
         elif name == "DEVICE_DELETED":
-            self.devices.on_event(event)
+            self.storage.on_event(event)
         if len(self.events):
             self.events.publish(MachineEvent(event.name, event.data, event.timestamp))
 

@@ -1,5 +1,6 @@
-"""The device plane at run time: set-up between ``-S`` and ``cont``, storage hotplug,
-and the one record of what vmbridged owns inside QEMU.
+"""The device plane of one run: set-up between ``-S`` and ``cont``, the QMP
+machinery that attaches a drive, and the one record of what vmbridged owns
+inside QEMU. Storage hotplug at run time is vmbridge.machine.storage.
 
 A VM's devices go in in two phases (DESIGN.md, "A VM's life"):
 
@@ -42,14 +43,13 @@ Any failure raises SetupError naming the device; Machine.start then kills
 QEMU and closes ``Machine._resources``, which closes every fd still held
 here and stops the virtiofsds.
 
-Storage hotplug (io.systemd.MachineInstance.AddStorage/RemoveStorage/
-ReplaceStorage) reuses the drive path on the client's fd, on a free root
-port, rolling back whatever it added if a step fails. Removal is
-``device_del`` and, on the DEVICE_DELETED event (also when the guest ejects
-a device by itself), ``blockdev-del`` of the nodes and ``remove-fd`` of the
-fdsets. Replacing swaps the file under the drive's format node:
-``add-fd`` + ``blockdev-add file`` + ``blockdev-reopen`` (same format node
-options, ``file`` = the new node) + ``blockdev-del`` of the old file node.
+The drive path is shared with storage hotplug: storage.StorageHotplug holds
+this DeviceState and uses only its public methods (attach_drive, add_fd,
+add_file_node, execute_step, blockdev_del, remove_fdset, log_drive,
+new_storage_key, forget_device). Hotplug passes a storage.Undo to roll back
+a half-done attach; set-up passes _NoUndo (a failed start kills QEMU). The
+Drive record, Undo and NoFreePort (the port allocator's error) come from
+storage.py, which imports nothing from here: no import cycle.
 
 Ownership: :meth:`DeviceState.owned_ids` lists every id vmbridged created in
 QEMU (device ids, block node names, fdset ids, fd names, netdevs, chardevs,
@@ -60,22 +60,16 @@ named ``vmb-...`` too, so a raw QMP session can be refused what is ours.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import errno
 import logging
 import os
 import time
 
-import gevent
-import gevent.event
-import gevent.lock
-
 from vmbridge.machine import devices as dev
 from vmbridge.machine import hostdev, images
-from vmbridge.machine.config import ConfigError
 from vmbridge.machine.qemu import MEMORY_BACKEND_ID
 from vmbridge.machine.machine import (MachineCommandError, MachineError, MachineNotConnected,
                                       MachineTimeout, SetupError)
+from vmbridge.machine.storage import Drive, NoFreePort, Undo
 from vmbridge.qmp import QMPDisconnectedError, QMPError, QMPTimeoutError
 
 log = logging.getLogger("vmbridge.machine")
@@ -83,66 +77,12 @@ log = logging.getLogger("vmbridge.machine")
 PREFIX = "vmb-"
 SCSI_CONTROLLER_ID = "vmb-scsi0"
 JOB_TIMEOUT = 30.0       # formatting an overlay takes milliseconds
-REMOVE_TIMEOUT = 20.0    # the guest's part of an unplug (Linux pciehp: well under 1 s)
-MAX_STORAGE_NAME = 255
 #: What machine.py puts on every command line, listed so raw QMP cannot touch it.
 COMMAND_LINE_CHARDEVS = ("qmp", "qmp-reattach")
 OWNED_KINDS = ("devices", "nodes", "fdsets", "fdnames", "netdevs", "chardevs", "objects", "jobs")
 
 
 # ------------------------------------------------------------------ errors
-
-class StorageError(MachineError):
-    """A storage hotplug call was refused; ``varlink_error`` is the
-    io.systemd.MachineInstance error (or None for io.systemd.System ``errno``)."""
-
-    varlink_error: str | None = None
-    errno: int | None = None
-
-
-class NoSuchStorage(StorageError):
-    varlink_error = "NoSuchStorage"
-
-
-class StorageExists(StorageError):
-    varlink_error = "StorageExists"
-
-
-class StorageImmutable(StorageError):
-    varlink_error = "StorageImmutable"
-
-
-class BadConfig(StorageError):
-    varlink_error = "BadConfig"
-
-
-class ConfigNotSupported(StorageError):
-    varlink_error = "ConfigNotSupported"
-
-
-class StorageNotSupported(StorageError):
-    """This machine cannot take storage at all (e.g. -machine none: no bus)."""
-
-    varlink_error = "NotSupported"
-
-
-class StorageUnusable(StorageError):
-    """The descriptor's image cannot be used (wrong format, unsupported header...)."""
-
-    errno = errno.EMEDIUMTYPE
-
-
-class NoFreePort(StorageError):
-    errno = errno.ENOSPC
-
-
-class StorageBusy(StorageError):
-    errno = errno.EBUSY
-
-
-class UnplugTimeout(StorageError):
-    errno = errno.ETIMEDOUT
-
 
 class StepFailed(MachineError):
     """One set-up step of one device failed."""
@@ -153,66 +93,9 @@ class StepFailed(MachineError):
         self.message = message
 
 
-# --------------------------------------------------------------- records
+# -------------------------------------------------------------- rollback
 
-@dataclasses.dataclass
-class Drive:
-    """A drive vmbridged attached: what QEMU holds for it, by name."""
-
-    name: str                  # storage name: "drive0"... for boot drives, else AddStorage's
-    key: str                   # base of its QEMU ids: vmb-drive0, vmb-stor1
-    boot: bool                 # attached at start: immutable over varlink
-    interface: str
-    format: str
-    readonly: bool
-    ephemeral: bool
-    virtual_size: int
-    identity: list             # (st_dev, st_ino) of the image file
-    device_id: str = ""
-    port: str | None = None
-    top: str = ""              # the node the device uses
-    target: str = ""           # the format node whose file ReplaceStorage swaps
-    file_node: str = ""        # target's current file node
-    file_fdset: int | None = None
-    aio: str = "threads"
-    overlay: str | None = None  # "memfd" | "tmpfile" for ephemeral drives
-    serial: str | None = None
-    nodes: list = dataclasses.field(default_factory=list)   # creation order
-    fdsets: list = dataclasses.field(default_factory=list)
-    generation: int = 0
-    state: str = "attached"    # attached | removing | gone
-
-    def __post_init__(self):
-        self.removed = gevent.event.Event()
-
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "Drive":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-class _Undo:
-    """What to take back, newest first, if a hotplug fails half-way."""
-
-    def __init__(self):
-        self.actions = []
-
-    def push(self, function, *args):
-        self.actions.append((function, args))
-
-    def rollback(self):
-        for function, args in reversed(self.actions):
-            try:
-                function(*args)
-            except (MachineError, QMPError, OSError) as e:
-                log.warning("rollback step %s%r failed: %s", getattr(function, "__name__", function), args, e)
-        self.actions.clear()
-
-
-class _NoUndo(_Undo):
+class _NoUndo(Undo):
     """At start-up nothing is taken back one by one: QEMU is killed instead."""
 
     def push(self, function, *args):
@@ -237,8 +120,7 @@ class DeviceState:
         self.vsock_cid: int | None = None
         self.owned: dict[str, set] = {kind: set() for kind in OWNED_KINDS}
         self.timings: dict[str, float] = {}           # device label -> seconds of QMP set-up
-        self._storage_counter = 0
-        self._lock = gevent.lock.RLock()
+        self._storage_counter = 0                     # hot-plugged drives so far (their ids)
         self._virtiofsds: list[hostdev.Virtiofsd] = []
         self._held_fds: dict[int, str] = {}            # our fds not yet handed over -> label
         self._prepared: list = []                      # per-device prepared items, in order
@@ -267,13 +149,24 @@ class DeviceState:
             return True
         return isinstance(value, str) and value.startswith(PREFIX)
 
-    def _own(self, kind: str, value, undo: _Undo | None = None) -> None:
+    def _own(self, kind: str, value, undo: Undo | None = None) -> None:
         self.owned[kind].add(value)
         if undo is not None:
             undo.push(self.owned[kind].discard, value)
 
     def _disown(self, kind: str, value) -> None:
         self.owned[kind].discard(value)
+
+    def forget_device(self, device_id: str) -> bool:
+        """QEMU deleted `device_id` (DEVICE_DELETED): if it was ours, drop it from the
+        record and free its root port. Whether it was ours."""
+        if device_id not in self.owned["devices"]:
+            return False
+        self._disown("devices", device_id)
+        for port, user in list(self.port_users.items()):
+            if user == device_id:
+                self._free_port(port)
+        return True
 
     def describe(self) -> dict:
         """A JSON-ready summary (for logs, state.json and tests)."""
@@ -445,12 +338,12 @@ class DeviceState:
                       interface=spec.interface, format=info.format, readonly=spec.readonly,
                       ephemeral=ephemeral, virtual_size=info.virtual_size,
                       identity=list(info.identity), serial=spec.serial)
-        self._attach_drive(drive, fd, label, _NoUndo())
+        self.attach_drive(drive, fd, label, _NoUndo())
         self._close(fd)
         self.drives[drive.name] = drive
-        self._log_drive(drive, label)
+        self.log_drive(drive, label)
 
-    def _log_drive(self, drive: Drive, label: str) -> None:
+    def log_drive(self, drive: Drive, label: str) -> None:
         extra = f", ephemeral overlay in a {drive.overlay}" if drive.ephemeral else ""
         where = f"{SCSI_CONTROLLER_ID}.0" if drive.interface == "scsi" else drive.port or "the default bus"
         log.info("%s: %s: %s %s%s, %s on %s, aio=%s", self.name, label, drive.format,
@@ -463,12 +356,12 @@ class DeviceState:
     def _setup_network(self, label, index, spec, fd) -> None:
         netdev, device = f"{PREFIX}net{index}", f"{PREFIX}nic{index}"
         if spec.kind == "user":
-            self._qmp(label, "netdev_add", {"type": "user", "id": netdev})
+            self.execute_step(label, "netdev_add", {"type": "user", "id": netdev})
         else:
             fdname = f"{PREFIX}tap{index}"
             self._getfd(label, fd, fdname)
             self._close(fd)
-            self._qmp(label, "netdev_add", {"type": "tap", "id": netdev, "fd": fdname})
+            self.execute_step(label, "netdev_add", {"type": "tap", "id": netdev, "fd": fdname})
             self._disown("fdnames", fdname)  # netdev_add took it
         self._own("netdevs", netdev)
         mac = dev.stable_mac(self.name, index)
@@ -484,7 +377,7 @@ class DeviceState:
         fdname, chardev, device = f"{PREFIX}fs{index}-fd", f"{PREFIX}fs{index}-chr", f"{PREFIX}fs{index}"
         self._getfd(label, fd, fdname)
         self._close(fd)
-        self._qmp(label, "chardev-add", {"id": chardev, "backend": {"type": "socket", "data": {
+        self.execute_step(label, "chardev-add", {"id": chardev, "backend": {"type": "socket", "data": {
             "addr": {"type": "fd", "data": {"str": fdname}}, "server": False}}})
         self._disown("fdnames", fdname)
         self._own("chardevs", chardev)
@@ -512,31 +405,36 @@ class DeviceState:
 
     # ------------------------------------------------------- drive plumbing
 
-    def _attach_drive(self, drive: Drive, fd: int, label: str, undo: _Undo) -> None:
+    def new_storage_key(self) -> str:
+        """The base of the QEMU ids of the next hot-plugged drive: vmb-stor1, vmb-stor2..."""
+        self._storage_counter += 1
+        return f"{PREFIX}stor{self._storage_counter}"
+
+    def attach_drive(self, drive: Drive, fd: int, label: str, undo: Undo) -> None:
         """Add one drive's nodes and device on `fd` (ours; the caller closes it)."""
         key, ro = drive.key, drive.readonly or drive.ephemeral
         if drive.ephemeral:
             base_file, base = f"{key}-base-file", f"{key}-base"
-            fdset = self._add_fd(label, fd, f"vmbridge:{drive.name}:base", undo, drive)
-            self._add_file_node(label, drive, base_file, fdset, True, undo)
+            fdset = self.add_fd(label, fd, f"vmbridge:{drive.name}:base", undo, drive)
+            self.add_file_node(label, drive, base_file, fdset, True, undo)
             self._add_format_node(label, drive, base, base_file, True, undo)
             drive.target, drive.file_node, drive.file_fdset = base, base_file, fdset
             overlay_fd, drive.overlay = images.overlay_file(drive.virtual_size, key)
             try:
-                overlay_fdset = self._add_fd(label, overlay_fd, f"vmbridge:{drive.name}:overlay", undo,
+                overlay_fdset = self.add_fd(label, overlay_fd, f"vmbridge:{drive.name}:overlay", undo,
                                              drive)
             finally:
                 os.close(overlay_fd)  # QEMU has its own duplicate in the fdset
             overlay_file = f"{key}-ovl-file"
-            self._add_file_node(label, drive, overlay_file, overlay_fdset, False, undo)
+            self.add_file_node(label, drive, overlay_file, overlay_fdset, False, undo)
             self._create_qcow2(label, f"vmb-create-{drive.key.removeprefix(PREFIX)}", overlay_file,
                                drive.virtual_size)
             self._blockdev_add(label, {"driver": "qcow2", "node-name": key, "file": overlay_file,
                                        "backing": base}, undo, drive)
         else:
             file_node = f"{key}-file"
-            fdset = self._add_fd(label, fd, f"vmbridge:{drive.name}", undo, drive)
-            self._add_file_node(label, drive, file_node, fdset, ro, undo)
+            fdset = self.add_fd(label, fd, f"vmbridge:{drive.name}", undo, drive)
+            self.add_file_node(label, drive, file_node, fdset, ro, undo)
             self._add_format_node(label, drive, key, file_node, ro, undo)
             drive.target, drive.file_node, drive.file_fdset = key, file_node, fdset
         drive.top = key
@@ -557,16 +455,16 @@ class DeviceState:
         self._device_add(label, args, port, undo)
         drive.port = port
 
-    def _add_fd(self, label: str, fd: int, opaque: str, undo: _Undo, drive: Drive | None = None) -> int:
-        result = self._qmp(label, "add-fd", {"opaque": opaque}, fds=[fd])
+    def add_fd(self, label: str, fd: int, opaque: str, undo: Undo, drive: Drive | None = None) -> int:
+        result = self.execute_step(label, "add-fd", {"opaque": opaque}, fds=[fd])
         fdset = result["fdset-id"]
         self._own("fdsets", fdset, undo)
-        undo.push(self._remove_fdset, fdset)
+        undo.push(self.remove_fdset, fdset)
         if drive is not None:
             drive.fdsets.append(fdset)
         return fdset
 
-    def _remove_fdset(self, fdset: int) -> None:
+    def remove_fdset(self, fdset: int) -> None:
         """remove-fd the set: QEMU closes each fd once no node uses it."""
         try:
             self.machine.execute("remove-fd", {"fdset-id": fdset})
@@ -584,8 +482,8 @@ class DeviceState:
                 self._aio = ("io_uring", "io_uring")
         return self._aio
 
-    def _add_file_node(self, label: str, drive: Drive, node: str, fdset: int, readonly: bool,
-                       undo: _Undo) -> None:
+    def add_file_node(self, label: str, drive: Drive, node: str, fdset: int, readonly: bool,
+                       undo: Undo) -> None:
         args = {"driver": "file", "node-name": node, "filename": f"/dev/fdset/{fdset}",
                 "read-only": readonly, "cache": {"direct": False}}
         aio, described = self._aio_choice()
@@ -605,21 +503,21 @@ class DeviceState:
         drive.aio = self._aio_choice()[1]
 
     def _add_format_node(self, label: str, drive: Drive, node: str, file_node: str, readonly: bool,
-                         undo: _Undo) -> None:
+                         undo: Undo) -> None:
         args = {"driver": drive.format, "node-name": node, "file": file_node, "read-only": readonly}
         if drive.format == "qcow2":
             args["backing"] = None  # never a backing file by name (images.py refuses those too)
         self._blockdev_add(label, args, undo, drive)
 
-    def _blockdev_add(self, label: str, args: dict, undo: _Undo, drive: Drive | None = None) -> None:
-        self._qmp(label, "blockdev-add", args)
+    def _blockdev_add(self, label: str, args: dict, undo: Undo, drive: Drive | None = None) -> None:
+        self.execute_step(label, "blockdev-add", args)
         node = args["node-name"]
         self._own("nodes", node, undo)
-        undo.push(self._blockdev_del, node)
+        undo.push(self.blockdev_del, node)
         if drive is not None:
             drive.nodes.append(node)
 
-    def _blockdev_del(self, node: str) -> None:
+    def blockdev_del(self, node: str) -> None:
         try:
             self.machine.execute("blockdev-del", {"node-name": node})
         finally:
@@ -632,7 +530,7 @@ class DeviceState:
             raise MachineNotConnected(f"{self.name}: not connected to QEMU")
         error = None
         with client.listen("JOB_STATUS_CHANGE") as listener:  # before the command: no event missed
-            self._qmp(label, "blockdev-create", {"job-id": job_id, "options": {
+            self.execute_step(label, "blockdev-create", {"job-id": job_id, "options": {
                 "driver": "qcow2", "file": file_node, "size": size}})
             self._own("jobs", job_id)
             try:
@@ -648,7 +546,7 @@ class DeviceState:
                     data = event.data or {}
                     if data.get("id") == job_id and data.get("status") == "concluded":
                         break
-                for job in self._qmp(label, "query-jobs"):
+                for job in self.execute_step(label, "query-jobs"):
                     if job.get("id") == job_id:
                         error = job.get("error")
             finally:
@@ -658,7 +556,7 @@ class DeviceState:
         if error:
             raise StepFailed(label, f"formatting the overlay failed: {error}")
 
-    def _ensure_scsi_controller(self, label: str, undo: _Undo) -> None:
+    def _ensure_scsi_controller(self, label: str, undo: Undo) -> None:
         if SCSI_CONTROLLER_ID in self.owned["devices"]:
             return
         # Kept once added, also if the disk that needed it fails: it is harmless.
@@ -669,7 +567,7 @@ class DeviceState:
             self._free_port(port)
             raise
 
-    def _take_port(self, label: str, device_id: str, undo: _Undo | None = None) -> str | None:
+    def _take_port(self, label: str, device_id: str, undo: Undo | None = None) -> str | None:
         if self.plan.bus != "pcie":
             return None
         if not self.free_ports:
@@ -685,17 +583,17 @@ class DeviceState:
             self.free_ports.append(port)
             self.free_ports.sort(key=lambda p: int(p.removeprefix(f"{PREFIX}rp")))
 
-    def _device_add(self, label: str, args: dict, port: str | None, undo: _Undo | None = None) -> None:
+    def _device_add(self, label: str, args: dict, port: str | None, undo: Undo | None = None) -> None:
         if port is not None:
             args = {**args, "bus": port}
-        self._qmp(label, "device_add", args)
+        self.execute_step(label, "device_add", args)
         self._own("devices", args["id"], undo)
 
     def _getfd(self, label: str, fd: int, fdname: str) -> None:
-        self._qmp(label, "getfd", {"fdname": fdname}, fds=[fd])
+        self.execute_step(label, "getfd", {"fdname": fdname}, fds=[fd])
         self._own("fdnames", fdname)
 
-    def _qmp(self, label: str, command: str, args: dict | None = None, *, fds=()):
+    def execute_step(self, label: str, command: str, args: dict | None = None, *, fds=()):
         """One QMP command of one device's set-up; StepFailed names the device."""
         try:
             return self.machine.execute(command, args, fds=fds)
@@ -703,211 +601,6 @@ class DeviceState:
             raise StepFailed(label, f"QEMU refused {command}: {e.desc}") from e
         except MachineTimeout as e:
             raise StepFailed(label, str(e)) from e
-
-    # ------------------------------------------------------------- events
-
-    def on_event(self, event) -> None:
-        """From the QMP pump (must not block): a device of ours went away."""
-        if event.name != "DEVICE_DELETED":
-            return
-        device_id = (event.data or {}).get("device")
-        if not device_id or device_id not in self.owned["devices"]:
-            return
-        self._disown("devices", device_id)
-        for port, user in list(self.port_users.items()):
-            if user == device_id:
-                self._free_port(port)
-        drive = next((d for d in self.drives.values() if d.device_id == device_id), None)
-        if drive is not None and drive.state != "gone":
-            if drive.state != "removing":
-                log.info("%s: the guest released %s (%s)", self.name, drive.name, device_id)
-            drive.state = "gone"
-            gevent.spawn(self._release_drive, drive)
-
-    def _release_drive(self, drive: Drive) -> None:
-        """After DEVICE_DELETED: delete the nodes, remove the fdsets, forget it."""
-        with self._lock:
-            try:
-                for node in reversed(drive.nodes):
-                    try:
-                        self._blockdev_del(node)
-                    except MachineError as e:
-                        log.warning("%s: %s: blockdev-del %s: %s", self.name, drive.name, node, e)
-                for fdset in drive.fdsets:
-                    try:
-                        self._remove_fdset(fdset)
-                    except MachineError as e:
-                        log.warning("%s: %s: remove-fd %s: %s", self.name, drive.name, fdset, e)
-            finally:
-                if self.drives.get(drive.name) is drive:
-                    del self.drives[drive.name]
-                drive.removed.set()
-                self._saved()
-        log.info("%s: storage %s removed", self.name, drive.name)
-
-    # ---------------------------------------------------------- hotplug
-
-    def _check_running(self) -> None:
-        if not self.machine.state.active or self.machine.qmp is None:
-            raise MachineNotConnected(f"{self.name}: not running")
-
-    def add_storage(self, name: str, config: str | None, fd: int) -> Drive:
-        """AddStorage: attach the image on `fd` (the caller keeps and closes `fd`)."""
-        if not isinstance(name, str) or not name or len(name) > MAX_STORAGE_NAME \
-                or any(ord(c) < 32 or ord(c) == 127 for c in name):
-            raise BadConfig(f"storage name {name!r}: 1-{MAX_STORAGE_NAME} printable characters")
-        try:
-            options = dev.parse_storage_config(config)
-        except dev.DriveOptionError as e:
-            raise (ConfigNotSupported if e.unsupported else BadConfig)(e.message) from e
-        except ConfigError as e:
-            raise BadConfig(e.message) from e
-        with self._lock:
-            self._check_running()
-            if self.plan.bus == "none":
-                raise StorageNotSupported(f"machine type {self.machine.config.machine!r} has no bus for storage")
-            if name in self.drives:
-                raise StorageExists(f"storage {name!r} exists")
-            try:
-                mode = images.fd_access_mode(fd)
-            except OSError as e:
-                raise StorageUnusable(f"storage {name!r}: bad descriptor: {e.strerror}") from e
-            # Unsaid, the descriptor decides: a read-only fd makes a read-only drive.
-            # Ephemeral drives only read their base, whatever the fd allows.
-            if options.ephemeral:
-                readonly, ephemeral = False, True
-            else:
-                readonly = options.readonly if options.readonly is not None else mode == os.O_RDONLY
-                ephemeral = options.ephemeral is None and self.plan.ephemeral and not readonly
-            if not readonly and not ephemeral and mode != os.O_RDWR:
-                raise BadConfig(f"storage {name!r}: writable, but the descriptor is not open "
-                                "for reading and writing (say readonly=on or ephemeral=on)")
-            own_fd = None
-            try:
-                own_fd = images.reopen_readonly(fd) if readonly or ephemeral else os.dup(fd)
-                images.check_image_fd(own_fd, readonly or ephemeral)
-                info = images.inspect_image(own_fd, options.format)
-            except images.ImageError as e:
-                if own_fd is not None:
-                    os.close(own_fd)
-                raise StorageUnusable(f"storage {name!r}: {e}") from e
-            except OSError as e:
-                if own_fd is not None:
-                    os.close(own_fd)
-                raise StorageUnusable(f"storage {name!r}: {e.strerror}") from e
-            self._storage_counter += 1
-            drive = Drive(name=name, key=f"{PREFIX}stor{self._storage_counter}", boot=False,
-                          interface=options.interface, format=info.format, readonly=readonly,
-                          ephemeral=ephemeral, virtual_size=info.virtual_size,
-                          identity=list(info.identity), serial=options.serial)
-            label = f"storage {name}"
-            undo = _Undo()
-            started = time.monotonic()
-            try:
-                self._attach_drive(drive, own_fd, label, undo)
-            except BaseException:
-                undo.rollback()
-                raise
-            finally:
-                os.close(own_fd)
-            self.timings[label] = time.monotonic() - started
-            self.drives[name] = drive
-            self._log_drive(drive, label)
-            self._saved()
-            return drive
-
-    def remove_storage(self, name: str, timeout: float = REMOVE_TIMEOUT) -> None:
-        """RemoveStorage: unplug, wait for the guest to let go, then delete the nodes."""
-        with self._lock:
-            self._check_running()
-            drive = self.drives.get(name)
-            if drive is None:
-                raise NoSuchStorage(f"no storage {name!r}")
-            if drive.boot:
-                raise StorageImmutable(f"storage {name!r} was attached at start-up")
-            if drive.state == "attached":
-                try:
-                    self.machine.execute("device_del", {"id": drive.device_id})
-                except MachineCommandError as e:
-                    raise StorageBusy(f"storage {name!r}: QEMU refused device_del: {e.desc}") from e
-                drive.state = "removing"
-                self._saved()
-                log.info("%s: storage %s: unplug requested", self.name, name)
-        if not drive.removed.wait(timeout):
-            raise UnplugTimeout(f"storage {name!r}: the guest did not release the disk within "
-                                f"{timeout:g}s; the unplug request stays pending")
-
-    def replace_storage(self, name: str, fd: int) -> None:
-        """ReplaceStorage: the drive's data now comes from `fd` (same format and size)."""
-        with self._lock:
-            self._check_running()
-            drive = self.drives.get(name)
-            if drive is None:
-                raise NoSuchStorage(f"no storage {name!r}")
-            if drive.boot:
-                raise StorageImmutable(f"storage {name!r} was attached at start-up")
-            if drive.state != "attached":
-                raise StorageBusy(f"storage {name!r} is being removed")
-            readonly = drive.readonly or drive.ephemeral
-            own_fd = None
-            try:
-                own_fd = images.reopen_readonly(fd) if readonly else os.dup(fd)
-                images.check_image_fd(own_fd, readonly)
-                info = images.inspect_image(own_fd, drive.format)
-                if info.format != drive.format or info.virtual_size != drive.virtual_size:
-                    raise images.ImageError(
-                        f"the new image is {info.format} of {info.virtual_size} bytes; the drive is "
-                        f"{drive.format} of {drive.virtual_size} bytes")
-            except (images.ImageError, OSError) as e:
-                if own_fd is not None:
-                    os.close(own_fd)
-                raise StorageUnusable(f"storage {name!r}: {getattr(e, 'strerror', None) or e}") from e
-            try:
-                if list(info.identity) == list(drive.identity):
-                    # QEMU could not lock the same file twice; there is nothing to swap.
-                    log.info("%s: storage %s: the new descriptor is the image already in use",
-                             self.name, name)
-                    return
-                self._swap_file(drive, own_fd, f"storage {name}", info)
-            finally:
-                os.close(own_fd)
-            self._saved()
-
-    def _swap_file(self, drive: Drive, fd: int, label: str, info) -> None:
-        undo = _Undo()
-        drive.generation += 1
-        new_file = f"{drive.key}-file{drive.generation}" if not drive.ephemeral \
-            else f"{drive.key}-base-file{drive.generation}"
-        readonly = drive.readonly or drive.ephemeral
-        try:
-            fdset = self._add_fd(label, fd, f"vmbridge:{drive.name}:{drive.generation}", undo)
-            self._add_file_node(label, drive, new_file, fdset, readonly, undo)
-            drive.nodes.remove(new_file)  # it takes the old file node's place, below
-            # blockdev-reopen resets every option not given: give all we gave blockdev-add.
-            options = {"driver": drive.format, "node-name": drive.target, "file": new_file,
-                       "read-only": readonly}
-            if drive.format == "qcow2":
-                options["backing"] = None
-            self._qmp(label, "blockdev-reopen", {"options": [options]})
-        except BaseException:
-            with contextlib.suppress(ValueError):
-                drive.nodes.remove(new_file)
-            undo.rollback()
-            raise
-        old_file, old_fdset = drive.file_node, drive.file_fdset
-        drive.nodes[drive.nodes.index(old_file)] = new_file
-        drive.fdsets[drive.fdsets.index(old_fdset)] = fdset
-        drive.file_node, drive.file_fdset, drive.identity = new_file, fdset, list(info.identity)
-        for step, args in ((self._blockdev_del, old_file), (self._remove_fdset, old_fdset)):
-            try:
-                step(args)
-            except MachineError as e:
-                log.warning("%s: %s: releasing the old backing: %s", self.name, label, e)
-        log.info("%s: %s: backing replaced (%s)", self.name, label, new_file)
-
-    def _saved(self) -> None:
-        with contextlib.suppress(OSError):
-            self.machine._write_state_file()
 
 
 def _log_tail(path: str, lines: int = 2) -> str:

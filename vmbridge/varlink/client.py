@@ -67,6 +67,7 @@ class Connection:
         self._scanned = 0
         self._received_fds = []      # fds of the reply being read
         self._streaming = False
+        self._exact = False          # read no byte past the reply's NUL
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(timeout)
@@ -174,6 +175,9 @@ class Connection:
 
         ``sock`` is the connected socket, now the caller's (blocking, no
         timeout), and ``pending`` the bytes already read past the reply. The
+        reply is read without reading past its NUL (as sd-varlink does), so
+        ``pending`` is empty and the socket can go as it is to a library that
+        speaks the upgraded protocol (e.g. qemu.qmp after AcquireQMP). The
         connection itself is closed. With ``return_reply`` the result is
         ``(sock, pending, parameters)``, the reply's parameters too. An error
         reply raises VarlinkError and leaves the connection usable.
@@ -181,7 +185,11 @@ class Connection:
         self._check_idle()
         self._send(protocol.call_message(method, parameters, upgrade=True), (),
                    timeout)
-        reply, fds = self._read_reply(timeout)
+        self._exact = True
+        try:
+            reply, fds = self._read_reply(timeout)
+        finally:
+            self._exact = False
         protocol.close_fds(fds)
         if reply.get("continues"):
             self.close()
@@ -253,8 +261,15 @@ class Connection:
                                            % (self.address, protocol.BUFFER_MAX))
             try:
                 self._timeout(timeout)
+                size = protocol.READ_SIZE
+                if self._exact:
+                    # Peek, then take only up to the NUL: what follows belongs
+                    # to the protocol the connection is upgraded to.
+                    peeked = self._sock.recv(protocol.READ_SIZE, socket.MSG_PEEK)
+                    end = peeked.find(b"\0")
+                    size = end + 1 if end >= 0 else max(len(peeked), 1)
                 data, ancdata, flags, _ = self._sock.recvmsg(
-                    protocol.READ_SIZE, _FDS_ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC)
+                    size, _FDS_ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC)
             except socket.timeout:
                 self.close()
                 raise TimeoutError("varlink: timed out waiting for %s" % self.address)

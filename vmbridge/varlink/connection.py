@@ -286,19 +286,20 @@ class _Connection:
             call.close_fds()
 
     def _reply(self, call, parameters, continues=False):
-        """Send one reply; a handler bug (not a dict) becomes an EIO error."""
+        """Send one reply; a handler bug (not a dict, not encodable) becomes an EIO error.
+
+        False if an error went out instead: that ends the call (and its stream).
+        """
         if isinstance(parameters, SharedReply):
             try:
                 data, bad = parameters.encoded(call.definition, continues)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, RecursionError):
                 # Not encodable: _send() reports it as for any reply.
-                self._send(call, protocol.reply_message(parameters.parameters, continues))
-                return True
+                return self._send(call, protocol.reply_message(parameters.parameters, continues))
             if bad is not None:
                 log.warning("varlink: reply to %s does not match its IDL on "
                             "field '%s', sending it anyway", call.method, bad)
-            self._send(call, None, data)
-            return True
+            return self._send(call, None, data)
         if parameters is not None and not isinstance(parameters, Mapping):
             log.error("varlink: %s returned %r, not a dict", call.method, parameters)
             self._send_error(call, VarlinkError.from_errno(errno.EIO))
@@ -309,8 +310,7 @@ class _Connection:
             if bad is not None:
                 log.warning("varlink: reply to %s does not match its IDL on "
                             "field '%s', sending it anyway", call.method, bad)
-        self._send(call, protocol.reply_message(parameters, continues))
-        return True
+        return self._send(call, protocol.reply_message(parameters, continues))
 
     def _stream(self, call, iterator):
         """Send each item as a ``continues`` reply, then the final one."""
@@ -399,24 +399,32 @@ class _Connection:
             self._send(call, error.to_message())
 
     def _send(self, call, message, data=None):
-        """Send ``message``, or ``data`` when it is already encoded."""
+        """Send `message`, or `data` when it is already encoded; False if it
+        could not be and an EIO error went out instead."""
         fds = call.take_reply_fds()
+        sent_as_given = True
         try:
             try:
                 if data is None:
                     data = protocol.encode_message(message)
-            except (TypeError, ValueError) as e:
+            except (TypeError, ValueError, RecursionError) as e:
+                # RecursionError: data nested too deeply to encode (e.g. a
+                # QMP event's, which decoded in a shallower stack).
                 log.error("varlink: %s: cannot encode reply to %s: %s",
                           self.description, call.method, e)
                 protocol.close_fds(fds)
                 fds = []
-                data = protocol.encode_message(VarlinkError.from_errno(errno.EIO).to_message())
+                message = VarlinkError.from_errno(errno.EIO).to_message()
+                data = protocol.encode_message(message)
+                sent_as_given = False
             if len(data) > self._server.max_message_size:
                 log.error("varlink: %s: reply to %s is %d bytes, over the limit",
                           self.description, call.method, len(data))
                 protocol.close_fds(fds)
                 fds = []
-                data = protocol.encode_message(VarlinkError.from_errno(errno.ENOBUFS).to_message())
+                message = VarlinkError.from_errno(errno.ENOBUFS).to_message()
+                data = protocol.encode_message(message)
+                sent_as_given = False
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("varlink: sending to %s: %s%s", self.description,
                           protocol.describe_message(message) if message is not None
@@ -432,7 +440,7 @@ class _Connection:
                 except BlockingIOError:
                     sent = 0
                 if sent == len(data):
-                    return
+                    return sent_as_given
                 data = memoryview(data)[sent:]
             with gevent.Timeout(self._server.send_timeout, _SendTimeout):
                 if fds:
@@ -441,6 +449,7 @@ class _Connection:
                                   array.array("i", fds))])
                     data = data[sent:]
                 self._sock.sendall(data)
+            return sent_as_given
         except _SendTimeout:
             raise ConnectionClosed("peer did not read for %ss" % self._server.send_timeout)
         except OSError as e:

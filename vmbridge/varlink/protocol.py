@@ -153,11 +153,18 @@ def decode_message(data):
 
 
 def describe_message(message, limit=8192):
-    """Message text for debug logs, cut short so a 200 KB reply stays readable."""
+    """Message text for debug logs, cut short so a 200 KB reply stays readable.
+
+    Never raises: a message nested too deeply to encode (or to repr) is only
+    named, so that logging it cannot break the connection that carried it.
+    """
     try:
         text = encode_json(message)
-    except ValueError:
-        text = repr(message)
+    except (ValueError, RecursionError):
+        try:
+            text = repr(message)
+        except RecursionError:
+            text = "<%s nested too deeply to show>" % type(message).__name__
     if len(text) > limit:
         return "%s…(%d chars)" % (text[:limit], len(text))
     return text
