@@ -201,9 +201,10 @@ def bare_qemu_start(qemu: QemuInfo) -> float:
 class Daemon:
     """A vmbridged subprocess (no --verbose: INFO logging, as in production)."""
 
-    def __init__(self, name: str, *, profile_dir: str | None = None):
+    def __init__(self, name: str, *, profile_dir: str | None = None, extra_args=()):
         self.base = tempfile.mkdtemp(prefix=f"vmb-{name}-", dir="/tmp")
         self.name = name
+        self.extra_args = list(extra_args)
         self.runtime_dir = os.path.join(self.base, "run")
         self.config_dir = os.path.join(self.base, "etc")
         self.log_path = os.path.join(self.base, "vmbridged.log")
@@ -222,7 +223,7 @@ class Daemon:
     def start(self, timeout: float = 30.0) -> "Daemon":
         self._log = open(self.log_path, "ab")
         argv = [sys.executable, VMBRIDGED, "--runtime-dir", self.runtime_dir,
-                "--config-dir", self.config_dir]
+                "--config-dir", self.config_dir, *self.extra_args]
         env = bench_env()
         if self.profile_dir:
             # cProfile around the daemon's main(); greenlet switches blur
