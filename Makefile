@@ -12,6 +12,8 @@ RUNTIME_DIR ?= $(CURDIR)/$(CACHE)/run
 PYTEST_ARGS ?=
 ARGS       ?=
 FULL       ?=
+QEMU       ?=
+BENCH_ARGS ?=
 
 APT_PACKAGES := qemu-system-x86 qemu-utils ovmf
 export DEBIAN_FRONTEND := noninteractive
@@ -23,7 +25,8 @@ all: help
 help:
 	@echo "make run    - set up, then run vmbridged in the foreground with a demo VM"
 	@echo "make test   - set up, then run the whole test suite"
-	@echo "make bench  - set up, then run the benchmarks (FULL=1 for the long run)"
+	@echo "make bench  - set up, then run the benchmarks (FULL=1 for the long run, QEMU=PATH for another"
+	@echo "              QEMU build, BENCH_ARGS='--only fanout' ...; docs/performance.md)"
 	@echo "make fuzz / make soak - long robustness runs (not part of make test)"
 	@echo "make dist   - the source tarball (sdist) in dist/"
 	@echo "make rpm    - source and binary RPMs from that tarball, checked with rpmlint"
@@ -68,7 +71,7 @@ test: setup
 	VMBRIDGE_GUEST_DIR=$(CURDIR)/$(GUEST_DIR) $(VPY) -m pytest -q $(PYTEST_ARGS)
 
 bench: setup
-	VMBRIDGE_GUEST_DIR=$(CURDIR)/$(GUEST_DIR) $(VPY) bench/run.py $(if $(FULL),--full)
+	VMBRIDGE_GUEST_DIR=$(CURDIR)/$(GUEST_DIR) $(VPY) bench/run.py $(if $(FULL),--full) $(if $(QEMU),--qemu $(QEMU)) $(BENCH_ARGS)
 
 fuzz: setup
 	VMBRIDGE_FUZZ_CASES=200000 $(VPY) -m pytest -q tests/test_fuzz.py

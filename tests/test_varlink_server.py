@@ -16,7 +16,7 @@ import pytest
 
 from varlink_fixtures import (
     RawClient, TestHandler, machine_service, make_test_service, open_fds, wait_for)
-from vmbridge.varlink import Server
+from vmbridge.varlink import Server, SharedReply
 
 
 T = "org.example.test."
@@ -210,6 +210,26 @@ def test_reply_not_matching_the_idl_is_logged_and_sent(serve, raw_clients, caplo
     with caplog.at_level("WARNING", logger="vmbridge.varlink"):
         assert client.transact(call_text("Echo")) == '{"parameters":{"value":"not an object"}}'
     assert "reply to org.example.test.Echo does not match its IDL on field 'value'" in caplog.text
+
+
+def test_shared_reply_is_sent_like_a_dict_and_encoded_once(serve, raw_clients, caplog):
+    shared = SharedReply({"i": 7})
+    mismatched = SharedReply({"i": "seven"})
+    handler = TestHandler()
+    handler.Count = lambda call: iter([shared, mismatched]) if call.more else shared
+    server = serve(make_test_service(handler))
+    first, second = raw_clients(server), raw_clients(server)
+    with caplog.at_level("WARNING", logger="vmbridge.varlink"):
+        for client in (first, second):
+            client.send_message(call_text("Count", {"n": 0, "final": True}, more=True))
+            assert client.receive() == '{"parameters":{"i":7},"continues":true}'
+            assert client.receive() == '{"parameters":{"i":"seven"},"continues":true}'
+            assert client.closed_by_server()     # the stream ended without a final reply
+    # Checked against the IDL once, however many connections sent it.
+    assert caplog.text.count("reply to org.example.test.Count does not match its IDL on field 'i'") == 1
+    # Returned as a single reply it is encoded without "continues".
+    assert raw_clients(server).transact(call_text("Count", {"n": 0, "final": True})) == \
+        '{"parameters":{"i":7}}'
 
 
 def test_handler_closing_its_connection(serve, raw_clients):

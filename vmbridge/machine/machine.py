@@ -57,6 +57,10 @@ class MachineState(str, enum.Enum):
                         MachineState.PAUSED, MachineState.SHUTTING_DOWN)
 
 
+_ROUTINE_TRANSITIONS = frozenset({(MachineState.RUNNING, MachineState.PAUSED),
+                                  (MachineState.PAUSED, MachineState.RUNNING)})
+
+
 class MachineError(Exception):
     """A control operation on a VM failed."""
 
@@ -149,7 +153,13 @@ class Machine:
             self._settled.clear()
         else:
             self._settled.set()
-        log.info("%s: %s → %s%s", self.name, old.value, new.value, f" ({error})" if error else "")
+        # Pause and resume are routine control calls, answered and announced
+        # to subscribers anyway: logged at DEBUG, as they sit on the path of
+        # the Pause/Resume reply (a log record costs about as much as the
+        # rest of the event's handling). The VM's life is logged at INFO.
+        level = logging.DEBUG if (old, new) in _ROUTINE_TRANSITIONS else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(level, "%s: %s → %s%s", self.name, old.value, new.value, f" ({error})" if error else "")
         if self._on_change is not None:
             try:
                 self._on_change(self, old, new)

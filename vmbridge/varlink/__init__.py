@@ -25,6 +25,7 @@ _LAZY = {
     "Service": ".service",
     "Call": ".service",
     "Upgrade": ".service",
+    "SharedReply": ".service",
     "InterfaceDefinition": ".idl",
     "MethodDefinition": ".idl",
     "Server": ".server",
@@ -33,7 +34,7 @@ _LAZY = {
     "default_connection_limits": ".server",
 }
 
-__all__ = ["VarlinkError", "interface_text", "Service", "Call", "Upgrade",
+__all__ = ["VarlinkError", "interface_text", "Service", "Call", "Upgrade", "SharedReply",
            "InterfaceDefinition", "MethodDefinition", "Server", "ConnectionClosed",
            "PeerCredentials", "default_connection_limits"]
 

@@ -12,7 +12,7 @@ import gevent
 
 from . import protocol
 from .protocol import VarlinkError
-from .service import Call, Upgrade, errno_error
+from .service import Call, SharedReply, Upgrade, errno_error
 
 log = logging.getLogger("vmbridge.varlink")
 
@@ -290,6 +290,16 @@ class _Connection:
 
         False if an error went out instead: that ends the call (and its stream).
         """
+        if isinstance(parameters, SharedReply):
+            try:
+                data, bad = parameters.encoded(call.definition, continues)
+            except (TypeError, ValueError, RecursionError):
+                # Not encodable: _send() reports it as for any reply.
+                return self._send(call, protocol.reply_message(parameters.parameters, continues))
+            if bad is not None:
+                log.warning("varlink: reply to %s does not match its IDL on "
+                            "field '%s', sending it anyway", call.method, bad)
+            return self._send(call, None, data)
         if parameters is not None and not isinstance(parameters, Mapping):
             log.error("varlink: %s returned %r, not a dict", call.method, parameters)
             self._send_error(call, VarlinkError.from_errno(errno.EIO))
@@ -388,13 +398,15 @@ class _Connection:
         if not call.oneway:
             self._send(call, error.to_message())
 
-    def _send(self, call, message):
-        """Send `message`; False if it could not be and an EIO error went out instead."""
+    def _send(self, call, message, data=None):
+        """Send `message`, or `data` when it is already encoded; False if it
+        could not be and an EIO error went out instead."""
         fds = call.take_reply_fds()
         sent_as_given = True
         try:
             try:
-                data = protocol.encode_message(message)
+                if data is None:
+                    data = protocol.encode_message(message)
             except (TypeError, ValueError, RecursionError) as e:
                 # RecursionError: data nested too deeply to encode (e.g. a
                 # QMP event's, which decoded in a shallower stack).
@@ -415,8 +427,21 @@ class _Connection:
                 sent_as_given = False
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("varlink: sending to %s: %s%s", self.description,
-                          protocol.describe_message(message),
+                          protocol.describe_message(message) if message is not None
+                          else data[:-1].decode("utf-8", "replace"),
                           " (+%d fds)" % len(fds) if fds else "")
+            if not fds:
+                # Fast path: a reply usually fits the socket buffer at once.
+                # timeout=0.0 makes gevent's send() raise instead of waiting,
+                # so no Timeout needs arming, and sendall()'s getsockopt()
+                # per call is skipped; what did not fit goes the slow way.
+                try:
+                    sent = self._sock.send(data, 0, 0.0)
+                except BlockingIOError:
+                    sent = 0
+                if sent == len(data):
+                    return sent_as_given
+                data = memoryview(data)[sent:]
             with gevent.Timeout(self._server.send_timeout, _SendTimeout):
                 if fds:
                     sent = self._sock.sendmsg(

@@ -20,6 +20,7 @@ grammar: systemd writes it as a comment line directly above the method, e.g.
 ``# [Requires 'more' flag]``. We read those comments from the text.
 """
 
+import functools
 import re
 from collections.abc import Set
 
@@ -184,6 +185,17 @@ class InterfaceDefinition:
             except VarlinkError:
                 raise _Mismatch() from None
         raise _Mismatch()
+
+
+@functools.lru_cache(maxsize=64)
+def parse_interface(text):
+    """The :class:`InterfaceDefinition` of ``text``, parsed once and shared.
+
+    A definition never changes after parsing and holds nothing of the
+    service using it, so every VM's control socket can share one: parsing
+    systemd's three machine interfaces costs ~2 ms and ~40 KiB per service.
+    """
+    return InterfaceDefinition(text)
 
 
 def _check_int(value):

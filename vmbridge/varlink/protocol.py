@@ -90,10 +90,15 @@ class VarlinkError(Exception):
 
 # --- message construction ---------------------------------------------------
 
+# One encoder for every message: json.dumps() with non-default options builds
+# a new JSONEncoder per call, which costs more than encoding a small reply.
+_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False,
+                            allow_nan=False)
+
+
 def encode_json(obj):
     """Compact JSON text as systemd formats it (no spaces, raw UTF-8)."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False)
+    return _encoder.encode(obj)
 
 
 def encode_message(message):

@@ -28,6 +28,8 @@ The handler contract (what ``handler.Method(call)`` may do):
   blocked, and should clean up in ``finally`` / ``except GeneratorExit``.
   Never ``close()`` the generator from another greenlet (it may be running);
   close the connection instead;
+* return or yield a :class:`SharedReply` where many connections send the
+  same reply (an event fanned out): it is validated and encoded once;
 * return :class:`Upgrade` to take the socket over after the reply;
 * raise :class:`VarlinkError` for an error reply (also mid-stream, which
   ends the stream but not the connection);
@@ -44,7 +46,7 @@ import errno
 import logging
 
 from . import protocol
-from .idl import InterfaceDefinition
+from .idl import parse_interface
 from .protocol import VarlinkError
 
 log = logging.getLogger("vmbridge.varlink")
@@ -66,6 +68,40 @@ class Upgrade:
             raise TypeError("Upgrade needs a callable takeover(sock, pending)")
         self.parameters = parameters
         self.takeover = takeover
+
+
+class SharedReply:
+    """One reply that many connections send alike, encoded once.
+
+    A handler (typically a stream fanning one event out to many subscribers)
+    may return or yield a SharedReply instead of a dict. Every connection
+    sends the same bytes: the parameters are checked against the method's
+    IDL (a mismatch is logged once) and encoded the first time a connection
+    sends it (once for ``continues`` and once without), not once per
+    connection. The parameters must not change after construction; fds
+    pushed with :meth:`Call.push_fd` still go with the connection's own copy.
+    """
+
+    __slots__ = ("parameters", "_encoded")
+
+    def __init__(self, parameters):
+        self.parameters = dict(parameters or {})
+        self._encoded = {}
+
+    def encoded(self, definition, continues):
+        """(wire bytes with the NUL, the first field not fitting the IDL or None).
+
+        The field is reported by the call that encodes, not by those reusing
+        the bytes: a mismatch is logged once, not once per connection.
+        """
+        key = (definition, continues)
+        data = self._encoded.get(key)
+        if data is not None:
+            return data, None
+        bad = definition.reply_mismatch(self.parameters) if definition is not None else None
+        data = self._encoded[key] = protocol.encode_message(
+            protocol.reply_message(self.parameters, continues))
+        return data, bad
 
 
 class Call:
@@ -201,7 +237,7 @@ class Service:
         only. Re-adding io.systemd replaces the built-in copy; any other
         duplicate, and org.varlink.service, raise ValueError.
         """
-        definition = InterfaceDefinition(idl_text)
+        definition = parse_interface(idl_text)
         if definition.name == protocol.SERVICE_INTERFACE:
             raise ValueError("org.varlink.service is built in")
         if definition.name in self._interfaces \
@@ -211,7 +247,7 @@ class Service:
         return definition
 
     def _add(self, idl_text, handler, definition=None):
-        definition = definition or InterfaceDefinition(idl_text)
+        definition = definition or parse_interface(idl_text)
         missing = [m for m in definition.methods
                    if not callable(getattr(handler, m, None))]
         if missing:
