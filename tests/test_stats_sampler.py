@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import types
 
 import pytest
 
@@ -30,6 +31,7 @@ class FakeMachine:
         self.qemu_running = True
         self.qmp = object()
         self.process = None
+        self.devices = types.SimpleNamespace(drives={"drive0": object()})  # what query-blockstats counts
         self.helpers = []
         self.calls = []
         self.answers = {
@@ -94,6 +96,17 @@ def test_qmp_cadence_and_figures(procs):
     assert all("cpuPercent" in v for v in figures["vcpus"])
     summary = s.figures()
     assert set(summary) <= set(SUMMARY_KEYS) and "cpuPercent" in summary and "vcpus" not in summary
+
+
+def test_no_blockstats_round_trip_without_drives(procs):
+    """A VM without drives (-machine none, say) costs its QEMU no query-blockstats a round."""
+    m = FakeMachine()
+    m.process = procs()
+    m.devices.drives.clear()
+    s = MachineSampler(m, qmp_timeout=0.5, interval=2.0)
+    assert s.sample() and s.sample()
+    assert "query-blockstats" not in m.calls
+    assert s.figures(full=True)["drives"] == []
 
 
 def test_balloon_asked_every_round_while_present(procs):

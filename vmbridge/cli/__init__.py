@@ -9,8 +9,8 @@ global options are added for it) and ``run(args, ctx) -> int`` (the exit
 status; ``args.verb`` is the verb, ``ctx`` a :class:`vmbridge.cli.context.Context`).
 It may set ``TIMEOUT`` (seconds) when its calls take longer than the
 default ``--timeout``. A verb that takes several VMs names its positional
-argument ``names``: with more than one, the entry point monkey-patches with
-gevent before ``run`` so that ``ctx.for_each`` drives them all at once. A
+argument ``names``: with more than one, the context talks through gevent's
+sockets (no monkey-patching) so that ``ctx.for_each`` drives them all at once. A
 one-VM command never imports gevent, which keeps vmctl's start-up close to
 Python's own.
 """
@@ -159,10 +159,8 @@ def _parser(verb):
 
 
 def _go_parallel():
-    """gevent for a command on several VMs: cooperative sockets, and Ctrl-C
-    raised in the main greenlet (not printed by the hub as an error)."""
-    from gevent import monkey
-    monkey.patch_all()
+    """gevent for a command on several VMs (the context uses gevent's sockets),
+    and Ctrl-C raised in the main greenlet (not printed by the hub as an error)."""
     import signal
 
     import gevent

@@ -262,8 +262,11 @@ class MachineSampler:
                 cpus = machine.execute(command, timeout=self.qmp_timeout)
                 self._vcpus = sorted((c["cpu-index"], c["thread-id"]) for c in cpus)
                 self._cpus_next = self._round + SLOW_ROUNDS
-            command = "query-blockstats"
-            self._drives = parse_blockstats(machine.execute(command, timeout=self.qmp_timeout))
+            if machine.devices is not None and not machine.devices.drives:
+                self._drives = []   # nothing to count: spare QEMU (and us) the round trip
+            else:
+                command = "query-blockstats"
+                self._drives = parse_blockstats(machine.execute(command, timeout=self.qmp_timeout))
             if self._balloon is not None or self._round >= self._balloon_next:
                 command = "query-balloon"
                 try:

@@ -60,7 +60,9 @@ def parse_address(address):
 class Connection:
     """One client connection. Not for concurrent use by several callers."""
 
-    def __init__(self, address, *, timeout=None):
+    def __init__(self, address, *, timeout=None, socket_class=None):
+        """``socket_class``: e.g. gevent.socket.socket, for cooperative I/O
+        without monkey-patching (default: the socket module's)."""
         self.address = address
         self.timeout = timeout
         self._buffer = bytearray()
@@ -68,7 +70,7 @@ class Connection:
         self._received_fds = []      # fds of the reply being read
         self._streaming = False
         self._exact = False          # read no byte past the reply's NUL
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = (socket_class or socket.socket)(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(timeout)
             sock.connect(parse_address(address))
