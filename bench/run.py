@@ -59,7 +59,7 @@ sys.path.insert(1, ROOT)
 import harness  # noqa: E402
 from harness import (Daemon, QemuInfo, RawQMP, bare_qemu_start, bench_env, kill_marked,  # noqa: E402
                      load_average, median, summary_us)
-from varlink_stdlib import Connection, VarlinkCallError, request  # noqa: E402
+from varlink_stdlib import Connection, request  # noqa: E402
 
 MI = "io.systemd.MachineInstance"
 MB = 1024 * 1024

@@ -65,8 +65,7 @@ class Connection:
         without monkey-patching (default: the socket module's)."""
         self.address = address
         self.timeout = timeout
-        self._buffer = bytearray()
-        self._scanned = 0
+        self._buffer = protocol.MessageBuffer()
         self._received_fds = []      # fds of the reply being read
         self._streaming = False
         self._exact = False          # read no byte past the reply's NUL
@@ -198,8 +197,7 @@ class Connection:
             raise VarlinkProtocolError("reply to %s continues" % method)
         parameters = self._result(reply, [])
         sock, self._sock = self._sock, None
-        pending = bytes(self._buffer)
-        self._buffer.clear()
+        pending = self._buffer.take_rest()
         self.close()
         sock.settimeout(None)
         if return_reply:
@@ -250,13 +248,9 @@ class Connection:
 
     def _read_message(self, timeout):
         while True:
-            end = self._buffer.find(b"\0", self._scanned)
-            if end >= 0:
-                raw = bytes(self._buffer[:end])
-                del self._buffer[:end + 1]
-                self._scanned = 0
+            raw = self._buffer.next_message()
+            if raw is not None:
                 return raw
-            self._scanned = len(self._buffer)
             if len(self._buffer) >= protocol.BUFFER_MAX:
                 self.close()
                 raise VarlinkProtocolError("varlink: reply from %s exceeds %d bytes"
@@ -282,7 +276,7 @@ class Connection:
             if not data:
                 self.close()
                 raise VarlinkDisconnected("varlink: %s closed the connection" % self.address)
-            self._buffer += data
+            self._buffer.append(data)
 
     @staticmethod
     def _result(reply, fds):

@@ -66,8 +66,7 @@ class _Connection:
         self.peer = peer
         self.description = "pid=%d uid=%d" % (peer.pid, peer.uid)
         self.greenlet = None
-        self._buffer = bytearray()
-        self._scanned = 0             # bytes of _buffer known to hold no NUL
+        self._buffer = protocol.MessageBuffer()
         self._pending_fds = []        # arrived with the next message's first byte
         self._watcher = None
         self._close_requested = False     # close now, no further reply
@@ -177,13 +176,9 @@ class _Connection:
     def _read_message(self):
         """The next message's bytes (without NUL), or None: EOF or violation."""
         while True:
-            end = self._buffer.find(b"\0", self._scanned)
-            if end >= 0:
-                raw = bytes(self._buffer[:end])
-                del self._buffer[:end + 1]
-                self._scanned = 0
+            raw = self._buffer.next_message()
+            if raw is not None:
                 return raw
-            self._scanned = len(self._buffer)
             if len(self._buffer) >= self._server.max_message_size:
                 log.warning("varlink: %s: message exceeds %d bytes without "
                             "terminator, closing", self.description,
@@ -211,7 +206,7 @@ class _Connection:
                     # Like sd-varlink: fds travel with a message's first
                     # byte, so they may only arrive when no message is
                     # half-read (and not twice for one message).
-                    if self._buffer or self._pending_fds or not data:
+                    if len(self._buffer) or self._pending_fds or not data:
                         protocol.close_fds(fds)
                         log.warning("varlink: %s: fds not at the start of a "
                                     "message, closing", self.description)
@@ -225,7 +220,7 @@ class _Connection:
             return False
         if not data:
             return False
-        self._buffer += data
+        self._buffer.append(data)
         return True
 
     def _make_call(self, message, fds):
@@ -375,8 +370,7 @@ class _Connection:
         if not self._reply(call, upgrade.parameters):
             return False
         sock, self._sock = self._sock, None
-        pending = bytes(self._buffer)
-        self._buffer.clear()
+        pending = self._buffer.take_rest()
         protocol.close_fds(self._pending_fds)
         self._pending_fds = []
         self._upgraded = True

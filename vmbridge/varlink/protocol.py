@@ -96,6 +96,42 @@ _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False,
                             allow_nan=False)
 
 
+class MessageBuffer:
+    """Bytes read from a varlink socket, cut into NUL-terminated messages.
+
+    Each byte is searched for the NUL once, however many reads a message
+    takes (a 16 MiB call arrives in hundreds of them).
+    """
+
+    def __init__(self):
+        self._data = bytearray()
+        self._scanned = 0           # bytes known to hold no NUL
+
+    def __len__(self):
+        return len(self._data)
+
+    def append(self, data):
+        self._data += data
+
+    def next_message(self):
+        """The next whole message without its NUL, or None while it is incomplete."""
+        end = self._data.find(b"\0", self._scanned)
+        if end < 0:
+            self._scanned = len(self._data)
+            return None
+        message = bytes(self._data[:end])
+        del self._data[:end + 1]
+        self._scanned = 0
+        return message
+
+    def take_rest(self):
+        """Everything buffered (e.g. the first bytes of an upgraded protocol), emptied."""
+        rest = bytes(self._data)
+        self._data.clear()
+        self._scanned = 0
+        return rest
+
+
 def encode_json(obj):
     """Compact JSON text as systemd formats it (no spaces, raw UTF-8)."""
     return _encoder.encode(obj)
