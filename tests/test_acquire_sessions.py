@@ -16,7 +16,8 @@ import gevent
 import gevent.socket
 import pytest
 
-from vmbridge.machine.qmp_sessions import QMPSessions, refusal
+from vmbridge.machine.qmp_refusals import refusal
+from vmbridge.machine.qmp_sessions import QMPSessions
 
 from mock_qmp import GREETING, establish
 from qemu_helpers import TIMEOUT

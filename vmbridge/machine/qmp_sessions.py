@@ -50,7 +50,7 @@ is closed on the spot: it has stopped reading, and nobody waits for it.
 
 Refusals: commands that would pull an object vmbridged created out from
 under it are answered ``{"error": {"class": "GenericError", "desc":
-"vmbridge: ..."}}`` and never reach QEMU; see :func:`refusal`.
+"vmbridge: ..."}}`` and never reach QEMU; see :mod:`.qmp_refusals`.
 
 Ends: a client that closes the connection loses its queued commands; the
 one QEMU is running completes and its reply is dropped (QEMU does the same
@@ -63,13 +63,11 @@ session writes out what it has, within ``FLUSH_TIMEOUT``, and is closed.
 
 from __future__ import annotations
 
-import array
 import collections
 import enum
 import itertools
 import json
 import logging
-import os
 import select
 import socket
 
@@ -78,6 +76,8 @@ import gevent.event
 import gevent.monkey
 import gevent.queue
 
+from vmbridge.fds import ancillary_space, close_fds, fds_from_ancdata
+from vmbridge.machine.qmp_refusals import REFUSED_COMMANDS, refusal
 from vmbridge.machine.qmp_input import (InputOverflow, InputSplitter, RequestError,
                                         check_capabilities_arguments, check_request)
 from vmbridge.qmp import QMPDisconnectedError, QMPError
@@ -100,7 +100,7 @@ FLUSH_TIMEOUT = 5.0
 MAX_FDS = 16
 RECV_SIZE = 64 * 1024
 
-_FDS_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+_FDS_SPACE = ancillary_space(MAX_FDS)
 _END = object()  # the writer's last item
 
 
@@ -114,171 +114,6 @@ def error_reply(error_class: str, desc: str, has_id: bool = False, request_id=No
     error = {"error": {"class": error_class, "desc": desc}}
     return {"id": request_id, **error} if has_id else error
 
-
-# ------------------------------------------------------------------- refusals
-
-def _device_id(value):
-    # device_del also takes the QOM path of a device with an id.
-    if isinstance(value, str) and value.startswith("/machine/peripheral/"):
-        return value[len("/machine/peripheral/"):]
-    return value
-
-
-_DEVICE = (("devices",), "device")
-_NODE = (("nodes",), "block node")
-_DEVICE_OR_NODE = (("devices", "nodes"), "block device")
-_CHARDEV = (("chardevs",), "chardev")
-_NETDEV = (("netdevs",), "netdev")
-_OBJECT = (("objects",), "object")
-_FDNAME = (("fdnames",), "file descriptor")
-_FDSET = (("fdsets",), "fd set")
-_JOB = (("jobs",), "job")
-
-#: command -> ((argument, (kinds, what it names)), ...): refused when vmbridged
-#: owns the argument's value as one of those kinds (``DeviceState.owns``).
-_OWNED_ARGUMENTS = {
-    # removing, replacing or re-pointing what is ours
-    "device_del": (("id", _DEVICE),),
-    "blockdev-del": (("node-name", _NODE),),
-    "chardev-remove": (("id", _CHARDEV),),
-    "chardev-change": (("id", _CHARDEV),),
-    "netdev_del": (("id", _NETDEV),),
-    "object-del": (("id", _OBJECT),),
-    "closefd": (("fdname", _FDNAME),),
-    "getfd": (("fdname", _FDNAME),),
-    "remove-fd": (("fdset-id", _FDSET),),
-    "add-fd": (("fdset-id", _FDSET),),
-    "eject": (("device", _DEVICE_OR_NODE), ("id", _DEVICE)),
-    "blockdev-open-tray": (("device", _DEVICE_OR_NODE), ("id", _DEVICE)),
-    "blockdev-remove-medium": (("id", _DEVICE),),
-    "blockdev-insert-medium": (("id", _DEVICE),),
-    "blockdev-change-medium": (("device", _DEVICE_OR_NODE), ("id", _DEVICE)),
-    "x-blockdev-change": (("parent", _NODE),),
-    # jobs that rebuild the block graph under our nodes
-    "block-stream": (("device", _NODE),),
-    "block-commit": (("device", _NODE),),
-    "drive-mirror": (("device", _NODE),),
-    "blockdev-mirror": (("device", _NODE),),
-    "blockdev-snapshot": (("node", _NODE),),
-    "blockdev-snapshot-sync": (("device", _NODE), ("node-name", _NODE)),
-    # our jobs
-    "job-cancel": (("id", _JOB),),
-    "job-dismiss": (("id", _JOB),),
-    "job-finalize": (("id", _JOB),),
-    "job-complete": (("id", _JOB),),
-    "job-pause": (("id", _JOB),),
-    "block-job-cancel": (("device", _JOB),),
-    "block-job-complete": (("device", _JOB),),
-    "block-job-pause": (("device", _JOB),),
-    "block-job-dismiss": (("id", _JOB),),
-    "block-job-finalize": (("id", _JOB),),
-    # creating something under one of our names (vmbridged's own are vmb-...)
-    "device_add": (("id", _DEVICE),),
-    "blockdev-add": (("node-name", _NODE),),
-    "blockdev-create": (("job-id", _JOB),),
-    "chardev-add": (("id", _CHARDEV),),
-    "netdev_add": (("id", _NETDEV),),
-    "object-add": (("id", _OBJECT),),
-}
-
-#: HMP commands (through human-monitor-command) that do the same: name ->
-#: (kinds, what) of their first operand, or of their ``id=`` option for
-#: the ``*_add`` ones.
-_HMP_OWNED = {
-    "device_del": _DEVICE,
-    "drive_del": _DEVICE_OR_NODE,
-    "chardev-remove": _CHARDEV,
-    "chardev-change": _CHARDEV,
-    "netdev_del": _NETDEV,
-    "object_del": _OBJECT,
-    "closefd": _FDNAME,
-    "getfd": _FDNAME,
-    "eject": _DEVICE_OR_NODE,
-    "change": _DEVICE_OR_NODE,
-    "block_job_cancel": _JOB,
-    "block_job_complete": _JOB,
-    "block_stream": _NODE,
-    "drive_mirror": _NODE,
-    "snapshot_blkdev": _NODE,
-}
-_HMP_CREATE = {
-    "device_add": _DEVICE,
-    "chardev-add": _CHARDEV,
-    "netdev_add": _NETDEV,
-    "object_add": _OBJECT,
-}
-
-REFUSED_COMMANDS = sorted(_OWNED_ARGUMENTS) + ["blockdev-reopen", "human-monitor-command"]
-
-
-def _owned(owns, value, kinds) -> bool:
-    return any(owns(kind, value) for kind in kinds)
-
-
-def refusal(command: str, arguments: dict | None, owns) -> str | None:
-    """Why vmbridge refuses ``command``, or None to pass it to QEMU.
-
-    The rule: nothing may remove, replace or re-point an object vmbridged
-    created, nor take one of its names, through QMP or through HMP
-    (``human-monitor-command``), because vmbridged's model of the VM (its
-    monitors, its console, its devices, its fds) would silently stop being
-    true. ``owns(kind, value)`` is ``DeviceState.owns``: kinds are devices,
-    nodes, fdsets, fdnames, netdevs, chardevs, objects and jobs. Everything
-    else - ``quit``, ``stop``, migration, the client's own devices - is the
-    user's business and goes through; vmbridged's state follows QEMU's events.
-    """
-    arguments = arguments or {}
-    if command == "human-monitor-command":
-        return _hmp_refusal(arguments.get("command-line"), owns)
-    if command == "blockdev-reopen":
-        for options in arguments.get("options") or ():
-            node = options.get("node-name") if isinstance(options, dict) else None
-            if _owned(owns, node, _NODE[0]):
-                return _refused(_NODE[1], node, command)
-        return None
-    for name, (kinds, what) in _OWNED_ARGUMENTS.get(command, ()):
-        value = arguments.get(name)
-        if value is None or isinstance(value, bool) or not isinstance(value, (str, int)):
-            continue  # absent, or QEMU will say what is wrong with it
-        key = _device_id(value) if "devices" in kinds else value
-        if _owned(owns, key, kinds):
-            return _refused(what, value, command)
-    return None
-
-
-def _refused(what, value, command) -> str:
-    return (f"vmbridge: {what} '{value}' belongs to vmbridged; "
-            f"{command} would break vmbridged's bookkeeping")
-
-
-def _hmp_refusal(command_line, owns) -> str | None:
-    if not isinstance(command_line, str):
-        return None  # QEMU will say what is wrong with it
-    words = command_line.split()
-    if not words:
-        return None
-    name = words[0]
-    if name in _HMP_CREATE:
-        kinds, what = _HMP_CREATE[name]
-        for word in words[1:]:
-            for option in word.split(","):
-                key, _, value = option.partition("=")
-                if key == "id" and _owned(owns, value, kinds):
-                    return _refused(what, value, f"HMP {name}")
-        return None
-    if name not in _HMP_OWNED:
-        return None
-    operands = [w for w in words[1:] if not w.startswith("-")]
-    if not operands:
-        return None
-    kinds, what = _HMP_OWNED[name]
-    target = _device_id(operands[0]) if "devices" in kinds else operands[0]
-    if _owned(owns, target, kinds):
-        return _refused(what, operands[0], f"HMP {name}")
-    return None
-
-
-# ------------------------------------------------------------------- the hub
 
 class QMPSessions:
     """Every session on one QMP connection (one QEMU run).
@@ -415,7 +250,7 @@ class Session:
             while self.state in (SessionState.NEGOTIATING, SessionState.COMMAND):
                 data, fds = self._recv()
                 if not data:
-                    _close_fds(fds)
+                    close_fds(fds)
                     if self._peer_closed():
                         self.abort("the client hung up")
                     else:
@@ -436,11 +271,11 @@ class Session:
 
     def _recv(self):
         data, ancdata, flags, _ = self.sock.recvmsg(RECV_SIZE, _FDS_SPACE, socket.MSG_CMSG_CLOEXEC)
-        fds = _fds_from_ancdata(ancdata)
+        fds = fds_from_ancdata(ancdata)
         if flags & socket.MSG_CTRUNC:
             log.warning("%s: %s: more than %d fds in one message, dropped them",
                         self.hub.name, self, MAX_FDS)
-            _close_fds(fds)
+            close_fds(fds)
             fds = []
         return data, fds
 
@@ -492,7 +327,7 @@ class Session:
                 if kind == "eof":
                     break
                 if kind == "fds":
-                    _close_fds(self._fds)  # like QEMU: new fds replace unused ones
+                    close_fds(self._fds)  # like QEMU: new fds replace unused ones
                     self._fds = value
                 elif kind == "error":
                     self._push(encode(error_reply("GenericError", value)))
@@ -504,7 +339,7 @@ class Session:
             log.exception("%s: %s failed", self.hub.name, self)
             self.abort("internal error", level=logging.ERROR)
         finally:
-            _close_fds(self._fds)
+            close_fds(self._fds)
             self._fds = []
             if self.state is not SessionState.CLOSED:  # nothing more to answer
                 self.state = SessionState.ENDING
@@ -559,7 +394,7 @@ class Session:
                 return
             # QEMU takes the first fd and closes the others.
             fds, rest, self._fds = (self._fds[0],), self._fds[1:], []
-            _close_fds(rest)
+            close_fds(rest)
         request = {"execute": command}
         if arguments is not None:
             request["arguments"] = arguments
@@ -575,13 +410,13 @@ class Session:
             return
         finally:
             self._executing = False
-            _close_fds(fds)
+            close_fds(fds)
         if self.state is SessionState.CLOSED:
             return  # the client left while QEMU worked: nobody to tell
         self._push(encode(_with_id(reply, has_id, request_id)))
 
     def _refusal(self, command: str, arguments) -> str | None:
-        if command not in _OWNED_ARGUMENTS and command not in ("blockdev-reopen", "human-monitor-command"):
+        if command not in REFUSED_COMMANDS:
             return None
         try:
             return refusal(command, arguments, self.hub.owns)
@@ -694,22 +529,8 @@ def _kill(greenlet) -> None:
         greenlet.kill(block=False)
 
 
-def _fds_from_ancdata(ancdata) -> list:
-    fds = array.array("i")
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
-    return list(fds)
-
-
-def _close_fds(fds) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def _close_item(item) -> None:
     if item[0] == "fds":
-        _close_fds(item[1])
+        close_fds(item[1])

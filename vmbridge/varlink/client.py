@@ -21,6 +21,8 @@ closed, since its state is no longer known.
 import array
 import socket
 
+from vmbridge.fds import ancillary_space, close_fds, fds_from_ancdata
+
 from . import protocol
 from .protocol import VarlinkError
 
@@ -28,7 +30,7 @@ __all__ = ["Connection", "VarlinkError", "VarlinkDisconnected",
            "VarlinkProtocolError", "VarlinkConnectError", "parse_address"]
 
 _DEFAULT = object()     # "use the connection's timeout"
-_FDS_ANCILLARY_SIZE = socket.CMSG_SPACE(protocol.FDS_MAX * array.array("i").itemsize)
+_FDS_ANCILLARY_SIZE = ancillary_space(protocol.FDS_MAX)
 
 
 class VarlinkDisconnected(ConnectionError):
@@ -101,7 +103,7 @@ class Connection:
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
-        protocol.close_fds(self._received_fds)
+        close_fds(self._received_fds)
         self._received_fds = []
 
     # -- calls -------------------------------------------------------------
@@ -119,13 +121,13 @@ class Connection:
         self._send(protocol.call_message(method, parameters), fds, timeout)
         reply, reply_fds = self._read_reply(timeout)
         if reply.get("continues"):
-            protocol.close_fds(reply_fds)
+            close_fds(reply_fds)
             self.close()
             raise VarlinkProtocolError("reply to %s continues without 'more'" % method)
         parameters = self._result(reply, reply_fds)
         if return_fds:
             return parameters, reply_fds
-        protocol.close_fds(reply_fds)
+        close_fds(reply_fds)
         return parameters
 
     def call_more(self, method, parameters=None, *, timeout=_DEFAULT):
@@ -148,7 +150,7 @@ class Connection:
         try:
             while True:
                 reply, fds = self._read_reply(timeout)
-                protocol.close_fds(fds)
+                close_fds(fds)
                 continues = reply.get("continues", False)
                 if "error" in reply or not continues:
                     # The call is over: the connection is free for the next
@@ -191,7 +193,7 @@ class Connection:
             reply, fds = self._read_reply(timeout)
         finally:
             self._exact = False
-        protocol.close_fds(fds)
+        close_fds(fds)
         if reply.get("continues"):
             self.close()
             raise VarlinkProtocolError("reply to %s continues" % method)
@@ -240,7 +242,7 @@ class Connection:
             reply = protocol.decode_message(raw)
             _check_reply(reply)
         except ValueError as e:
-            protocol.close_fds(fds)
+            close_fds(fds)
             self.close()
             raise VarlinkProtocolError("varlink: bad reply from %s: %s"
                                        % (self.address, e)) from None
@@ -272,7 +274,7 @@ class Connection:
             except ConnectionResetError as e:
                 self.close()
                 raise VarlinkDisconnected("varlink: %s hung up: %s" % (self.address, e)) from e
-            self._received_fds.extend(_fds_from_ancdata(ancdata))
+            self._received_fds.extend(fds_from_ancdata(ancdata))
             if not data:
                 self.close()
                 raise VarlinkDisconnected("varlink: %s closed the connection" % self.address)
@@ -281,7 +283,7 @@ class Connection:
     @staticmethod
     def _result(reply, fds):
         if "error" in reply:
-            protocol.close_fds(fds)
+            close_fds(fds)
             raise VarlinkError(reply["error"], reply.get("parameters"))
         return reply.get("parameters") or {}
 
@@ -302,10 +304,3 @@ def _check_reply(reply):
     if error is not None and reply.get("continues"):
         raise ValueError("an error reply cannot continue")
 
-
-def _fds_from_ancdata(ancdata):
-    fds = array.array("i")
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
-    return list(fds)

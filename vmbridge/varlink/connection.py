@@ -10,6 +10,8 @@ from collections.abc import Iterator, Mapping
 
 import gevent
 
+from vmbridge.fds import ancillary_space, close_fds, fds_from_ancdata
+
 from . import protocol
 from .protocol import VarlinkError
 from .service import Call, SharedReply, Upgrade, errno_error
@@ -17,7 +19,7 @@ from .service import Call, SharedReply, Upgrade, errno_error
 log = logging.getLogger("vmbridge.varlink")
 
 _UCRED = struct.Struct("3i")
-_FDS_ANCILLARY_SIZE = _socket.CMSG_SPACE(protocol.FDS_MAX * array.array("i").itemsize)
+_FDS_ANCILLARY_SIZE = ancillary_space(protocol.FDS_MAX)
 _CALL_FLAGS = ("more", "oneway", "upgrade")
 
 PeerCredentials = collections.namedtuple("PeerCredentials", "pid uid gid")
@@ -44,13 +46,6 @@ def peer_credentials(sock):
         sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _UCRED.size))
     return PeerCredentials(pid, uid, gid)
 
-
-def _fds_from_ancdata(ancdata):
-    fds = array.array("i")
-    for level, kind, data in ancdata:
-        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
-            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
-    return list(fds)
 
 
 class _Connection:
@@ -128,7 +123,7 @@ class _Connection:
         if self._released:
             return
         self._released = True
-        protocol.close_fds(self._pending_fds)
+        close_fds(self._pending_fds)
         self._pending_fds = []
         if self._sock is not None:
             self._sock.close()
@@ -162,7 +157,7 @@ class _Connection:
                 message = protocol.decode_message(raw)
                 call = self._make_call(message, fds)
             except (ValueError, _ProtocolViolation) as e:
-                protocol.close_fds(fds)
+                close_fds(fds)
                 log.warning("varlink: %s: protocol violation, closing: %s",
                             self.description, e)
                 return
@@ -195,9 +190,9 @@ class _Connection:
             if self._server.allow_fd_passing:
                 data, ancdata, flags, _ = self._sock.recvmsg(
                     room, _FDS_ANCILLARY_SIZE, _socket.MSG_CMSG_CLOEXEC)
-                fds = _fds_from_ancdata(ancdata)
+                fds = fds_from_ancdata(ancdata)
                 if flags & _socket.MSG_CTRUNC:
-                    protocol.close_fds(fds)
+                    close_fds(fds)
                     log.warning("varlink: %s: more than %d fds with one "
                                 "message, closing", self.description,
                                 protocol.FDS_MAX)
@@ -207,7 +202,7 @@ class _Connection:
                     # byte, so they may only arrive when no message is
                     # half-read (and not twice for one message).
                     if len(self._buffer) or self._pending_fds or not data:
-                        protocol.close_fds(fds)
+                        close_fds(fds)
                         log.warning("varlink: %s: fds not at the start of a "
                                     "message, closing", self.description)
                         return False
@@ -371,7 +366,7 @@ class _Connection:
             return False
         sock, self._sock = self._sock, None
         pending = self._buffer.take_rest()
-        protocol.close_fds(self._pending_fds)
+        close_fds(self._pending_fds)
         self._pending_fds = []
         self._upgraded = True
         self._server._forget(self)
@@ -388,7 +383,7 @@ class _Connection:
     # -- writing -----------------------------------------------------------------
 
     def _send_error(self, call, error):
-        protocol.close_fds(call.take_reply_fds())   # never fds with an error
+        close_fds(call.take_reply_fds())   # never fds with an error
         if not call.oneway:
             self._send(call, error.to_message())
 
@@ -406,7 +401,7 @@ class _Connection:
                 # QMP event's, which decoded in a shallower stack).
                 log.error("varlink: %s: cannot encode reply to %s: %s",
                           self.description, call.method, e)
-                protocol.close_fds(fds)
+                close_fds(fds)
                 fds = []
                 message = VarlinkError.from_errno(errno.EIO).to_message()
                 data = protocol.encode_message(message)
@@ -414,7 +409,7 @@ class _Connection:
             if len(data) > self._server.max_message_size:
                 log.error("varlink: %s: reply to %s is %d bytes, over the limit",
                           self.description, call.method, len(data))
-                protocol.close_fds(fds)
+                close_fds(fds)
                 fds = []
                 message = VarlinkError.from_errno(errno.ENOBUFS).to_message()
                 data = protocol.encode_message(message)
@@ -450,7 +445,7 @@ class _Connection:
             raise ConnectionClosed("send failed: %s" % e)
         finally:
             # Sent fds were duplicated into the peer; ours are closed either way.
-            protocol.close_fds(fds)
+            close_fds(fds)
 
 
 def _close_iterator(result):

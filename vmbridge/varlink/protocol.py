@@ -224,11 +224,3 @@ def interface_text(name):
         return f.read()
 
 
-def close_fds(fds):
-    """Close every fd in an iterable, ignoring ones that are already gone."""
-    for fd in fds:
-        if fd is not None and fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass

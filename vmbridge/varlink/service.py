@@ -45,6 +45,8 @@ No sockets here, so services can be unit-tested with a bare :class:`Call`.
 import errno
 import logging
 
+from vmbridge.fds import close_fds
+
 from . import protocol
 from .idl import parse_interface
 from .protocol import VarlinkError
@@ -174,9 +176,9 @@ class Call:
 
     def close_fds(self):
         """Close every received fd not taken and every pushed fd not sent."""
-        protocol.close_fds(self.fds)
+        close_fds(self.fds)
         self.fds = [None] * len(self.fds)
-        protocol.close_fds(self.take_reply_fds())
+        close_fds(self.take_reply_fds())
 
 
 class _ServiceInterface:
