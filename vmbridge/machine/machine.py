@@ -32,7 +32,7 @@ from vmbridge.machine import qemu as qemu_mod
 from vmbridge.machine.config import MachineConfig
 from vmbridge.machine.console import Console
 from vmbridge.machine.events import EventHub, MachineEvent
-from vmbridge.machine.process import AdoptedProcess, ChildProcess, ExitInfo, QemuProcess
+from vmbridge.machine.process import AdoptedProcess, ChildProcess, ExitInfo, QemuProcess, log_tail
 from vmbridge.qmp import (QMPClient, QMPCommandError, QMPDisconnectedError, QMPTimeoutError,
                           State as QMPState)
 
@@ -357,22 +357,12 @@ class Machine:
         """A set-up failure in words, with QEMU's own last complaint when it has one."""
         if isinstance(error, (QMPDisconnectedError, MachineNotConnected)) or \
                 (self.process is not None and self.process.wait(0.5)):
-            tail = self._qemu_log_tail()
+            tail = log_tail(os.path.join(self.directory, "qemu.log"))
             if tail:
                 return f"QEMU exited during start-up: {tail}"
             if self.process is not None and self.process.exit_info is not None:
                 return f"QEMU {self.process.exit_info.describe()} during start-up"
         return str(error) or type(error).__name__
-
-    def _qemu_log_tail(self, lines: int = 3) -> str:
-        try:
-            with open(os.path.join(self.directory, "qemu.log"), "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 4096))
-                text = f.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
-        return " / ".join(line.strip() for line in text.strip().splitlines()[-lines:])
 
     def _abort_start(self, error: SetupError) -> None:
         log.error("%s: start failed: %s", self.name, error)

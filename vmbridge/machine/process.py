@@ -46,6 +46,18 @@ class ExitInfo:
         return out
 
 
+def log_tail(path: str, lines: int = 3, max_bytes: int = 4096) -> str:
+    """The last lines a process wrote to its log, on one line ("" if none): its own last complaint."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - max_bytes))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return " / ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+
+
 def process_start_time(pid: int) -> float | None:
     """The process's start time (to tell a reused pid from the QEMU we knew)."""
     try:

@@ -66,6 +66,7 @@ import time
 
 from vmbridge.machine import devices as dev
 from vmbridge.machine import hostdev, images
+from vmbridge.machine.process import log_tail
 from vmbridge.machine.qemu import MEMORY_BACKEND_ID
 from vmbridge.machine.machine import (MachineCommandError, MachineError, MachineNotConnected,
                                       MachineTimeout, SetupError)
@@ -386,7 +387,7 @@ class DeviceState:
             self._device_add(label, {"driver": "vhost-user-fs-pci", "id": device, "chardev": chardev,
                                      "tag": spec.tag}, port)
         except StepFailed as e:
-            tail = _log_tail(os.path.join(self.machine.directory, "virtiofsd.log"))
+            tail = log_tail(os.path.join(self.machine.directory, "virtiofsd.log"), lines=2)
             raise StepFailed(label, e.message + (f" (virtiofsd: {tail})" if tail else "")) from e
         self.shares.append({"index": index, "source": spec.source, "tag": spec.tag, "device": device,
                             "chardev": chardev, "port": port,
@@ -601,17 +602,6 @@ class DeviceState:
             raise StepFailed(label, f"QEMU refused {command}: {e.desc}") from e
         except MachineTimeout as e:
             raise StepFailed(label, str(e)) from e
-
-
-def _log_tail(path: str, lines: int = 2) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 2048))
-            text = f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    return " / ".join(line.strip() for line in text.strip().splitlines()[-lines:])
 
 
 def setup_devices(machine) -> None:
