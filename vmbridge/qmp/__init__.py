@@ -23,7 +23,7 @@ Modules: :mod:`.client` (state machine, pump, commands), :mod:`.transport`
 (framing, fd passing), :mod:`.events` (events and listeners),
 :mod:`.schema` (capability probes), :mod:`.errors`.  This package never
 monkey-patches; it uses gevent's cooperative socket explicitly, so it works
-whether or not the program called ``gevent.monkey.patch_all()``.
+whether or not the program monkey-patched with gevent.
 """
 
 from .client import QMPClient, State

@@ -2,7 +2,7 @@
 
 It imports nothing heavy (no gevent, no python-varlink), so ``vmctl`` starts
 fast. It looks ``socket.socket`` up at connect time, so after
-``gevent.monkey.patch_all()`` it is cooperative without knowing it.
+gevent monkey-patching it is cooperative without knowing it.
 
     with Connection("/run/vmbridge/vm1/control", timeout=10) as c:
         c.call("io.systemd.MachineInstance.Pause")
