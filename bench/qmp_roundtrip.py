@@ -146,6 +146,25 @@ class MinimalPump:
         self.sock.close()
 
 
+def interleaved(ways: dict, iterations: int, *, warmup: int = WARMUP, rounds: int = ROUNDS) -> dict:
+    """Time each way (a callable) `iterations` times after `warmup` calls, the ways
+    alternating in `rounds` so that a noisy moment hits them all; seconds per call."""
+    clock = time.perf_counter
+    samples = {name: [] for name in ways}
+    for way in ways.values():
+        for _ in range(warmup):
+            way()
+    per_round = max(1, iterations // rounds)
+    for _ in range(rounds):
+        for name, way in ways.items():
+            record = samples[name].append
+            for _ in range(per_round):
+                start = clock()
+                way()
+                record(clock() - start)
+    return samples
+
+
 def _percentiles(samples: list[float]) -> dict:
     ordered = sorted(samples)
     pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
@@ -170,19 +189,8 @@ def run(qemu_binary: str = "qemu-system-x86_64", iterations: int = 2000) -> dict
         ways = {"raw_noid": raw.roundtrip_noid, "raw": raw.roundtrip,
                 "gevent": minimal.roundtrip,
                 "client": lambda: client.execute("query-status")}
-        samples = {name: [] for name in ways}
-        clock = time.perf_counter
-        for way in ways.values():
-            for _ in range(WARMUP):
-                way()
+        samples = interleaved(ways, iterations)
         per_round = max(1, iterations // ROUNDS)
-        for _ in range(ROUNDS):
-            for name, way in ways.items():
-                record = samples[name].append
-                for _ in range(per_round):
-                    start = clock()
-                    way()
-                    record(clock() - start)
         assert client.execute("query-status")["status"] == "prelaunch"
     finally:
         if client is not None:

@@ -59,6 +59,7 @@ sys.path.insert(1, ROOT)
 import harness  # noqa: E402
 from harness import (Daemon, QemuInfo, RawQMP, bare_qemu_start, bench_env, kill_marked,  # noqa: E402
                      load_average, median, summary_us)
+import qmp_roundtrip  # noqa: E402
 from varlink_stdlib import Connection, request  # noqa: E402
 
 MI = "io.systemd.MachineInstance"
@@ -192,7 +193,6 @@ class Bench:
     # ============================================================== figures
 
     def fig_qmp(self) -> None:
-        import qmp_roundtrip
         r = qmp_roundtrip.run(self.qemu.path, self.cfg["qmp_iterations"])
         self.figures["qmp"] = r
         for q in ("p50", "p99"):
@@ -202,20 +202,8 @@ class Bench:
                          data={"client": r["client"], "raw": r["raw"], "gevent": r["gevent"]}))
 
     def _interleaved(self, ways: dict, iterations: int, warmup: int = 200) -> dict:
-        """Time each way `iterations` times, alternating in ROUNDS; seconds per call."""
-        clock = time.perf_counter
-        samples = {name: [] for name in ways}
-        for way in ways.values():
-            for _ in range(warmup):
-                way()
-        per_round = max(1, iterations // ROUNDS)
-        for _ in range(ROUNDS):
-            for name, way in ways.items():
-                record = samples[name].append
-                for _ in range(per_round):
-                    start = clock()
-                    way()
-                    record(clock() - start)
+        """Time each way `iterations` times, alternating in ROUNDS; a summary in µs per way."""
+        samples = qmp_roundtrip.interleaved(ways, iterations, warmup=warmup, rounds=ROUNDS)
         return {name: summary_us(values) for name, values in samples.items()}
 
     def latency_figures(self, only) -> None:
