@@ -62,6 +62,17 @@ def short_tmp():
     shutil.rmtree(path, ignore_errors=True)
 
 
+def open_to_everyone(daemon, control_socket: str) -> None:
+    """Make the sockets and their directories world-accessible, so that only
+    SO_PEERCRED stands between another UID and the daemon."""
+    for path in (control_socket, daemon.manager_socket):
+        os.chmod(path, 0o666)
+    directory = os.path.dirname(control_socket)
+    while directory != "/tmp":
+        os.chmod(directory, 0o755)
+        directory = os.path.dirname(directory)
+
+
 def raw_call(path: str, message: dict | bytes, *, timeout: float = 10.0) -> dict:
     """One varlink call over a fresh connection, reading exactly one reply."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:

@@ -20,7 +20,7 @@ import time
 import psutil
 import pytest
 
-from conftest import read_message
+from conftest import open_to_everyone, read_message
 from reliability import fds_back_to, open_fds, record, rss_mib, settled_fds
 from test_control import Stream, call
 
@@ -264,13 +264,7 @@ for path, message in calls:
 def test_other_uid_is_refused_everywhere(daemon, short_tmp):
     info = daemon.create("mine")
     ctl = daemon.control_socket("mine")
-    # Open the file modes up: SO_PEERCRED alone must keep the other UID out.
-    for path in (ctl, daemon.manager_socket):
-        os.chmod(path, 0o666)
-    directory = os.path.dirname(ctl)
-    while directory != "/tmp":
-        os.chmod(directory, 0o755)
-        directory = os.path.dirname(directory)
+    open_to_everyone(daemon, ctl)  # SO_PEERCRED alone must keep the other UID out
     mgr = "io.vmbridge.Manager"
     evil = {"name": "evil", "machine": "none"}
     calls = [
